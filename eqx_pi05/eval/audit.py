@@ -1,0 +1,82 @@
+"""The removal audit, run before any episode (research report, B2 card: "a suspiciously high SR
+usually means the view was not actually removed").
+
+With `view_remove` active at eval, the policy is called on one observation whose removed camera
+carries random noise, then on the same observation with different noise: the actions must be
+bit-identical. A policy that reads the camera it should not see fails loudly, before a single
+episode is spent. For `view_dropout` (zeros, train only) nothing is removed at eval, and the log
+says so instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from eqx_pi05.eval.rollout import CAMERA_KEYS, Policy
+
+log = logging.getLogger(__name__)
+
+
+class RemovalAuditError(RuntimeError):
+    """The policy's actions depend on a camera that is configured as removed."""
+
+
+def _settings(probs: Mapping[str, float]) -> str:
+    return "{" + ",".join(f"{camera}={p:g}" for camera, p in probs.items()) + "}"
+
+
+def _with_noise(observation: dict, cameras: list[str], seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    out = dict(observation)
+    for camera in cameras:
+        key = CAMERA_KEYS[camera]
+        out[key] = rng.integers(0, 256, np.shape(observation[key]), dtype=np.uint8)
+    return out
+
+
+def _actions(policy: Policy, observation: dict) -> np.ndarray:
+    return np.asarray(policy([observation]))[0]
+
+
+def audit_removal(
+    policy: Policy, observation: dict, view_remove_eval: Mapping[str, float], view_dropout_train: Mapping[str, float]
+) -> str:
+    """Check the eval-time camera removal on `policy`; return the log line, or raise RemovalAuditError.
+
+    `view_remove_eval` / `view_dropout_train`: camera -> probability (0 entries are ignored).
+    `observation`: an openpi client observation (rollout.policy_observation), including its noise_seed.
+    """
+    removed = {c: p for c, p in view_remove_eval.items() if p > 0}
+    dropped = {c: p for c, p in view_dropout_train.items() if p > 0}
+    for camera in [*removed, *dropped]:
+        if camera not in CAMERA_KEYS:
+            raise ValueError(f"camera removal audit: unknown camera {camera!r}, expected one of {list(CAMERA_KEYS)}")
+    if not removed:
+        if dropped:
+            return (f"eval view_dropout (zeros) {_settings(dropped)} is train-only: every camera reaches the "
+                    "policy at eval, nothing is removed, no removal audit")
+        return "eval no camera removal: every camera reaches the policy"
+    audited = [c for c, p in removed.items() if p >= 1.0]
+    if not audited:
+        return f"eval physical view-removal {_settings(removed)} is stochastic (p < 1): audit=skipped"
+    first = _actions(policy, _with_noise(observation, audited, seed=1))
+    again = _actions(policy, _with_noise(observation, audited, seed=1))
+    if not np.array_equal(first, again):
+        raise RemovalAuditError(
+            f"eval physical view-removal {_settings(removed)} audit=FAIL: the policy is not deterministic for a "
+            f"fixed observation (max |diff| {np.max(np.abs(first - again)):.3g}); it must draw its sampling "
+            "noise from the observation's noise_seed for the audit (and batched evaluation) to be exact")
+    other = _actions(policy, _with_noise(observation, audited, seed=2))
+    if not np.array_equal(first, other):
+        raise RemovalAuditError(
+            f"eval physical view-removal {_settings(removed)} audit=FAIL: replacing the pixels of "
+            f"{audited} with other noise changed the actions (max |diff| {np.max(np.abs(first - other)):.3g}); "
+            "the policy reads a camera that is configured as removed")
+    visible = [c for c in CAMERA_KEYS if c not in audited]
+    if visible and np.array_equal(first, _actions(policy, _with_noise(observation, audited + visible, seed=3))):
+        log.warning("removal audit: noise on the visible camera(s) %s did not change the actions either; "
+                    "the policy may ignore its images altogether", visible)
+    return f"eval physical view-removal {_settings(removed)} audit=pass"

@@ -1,0 +1,170 @@
+"""One evaluation run: removal audit, then the episodes (resumable), then the results files.
+
+The policy is given (evaluate.py builds it from a checkpoint; tests give a stub), so this module
+needs neither JAX nor a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
+
+from eqx_pi05.eval import results, sim
+from eqx_pi05.eval.audit import audit_removal
+from eqx_pi05.eval.batched import Settings, plan_chunks, run_chunks
+from eqx_pi05.eval.rollout import MAX_STEPS, Env, EpisodeResult, Policy, noise_seed, policy_observation
+
+log = logging.getLogger("eqx_pi05.eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """LIBERO evaluation with openpi's protocol (SPEC.md §4)."""
+
+    # Episodes in all, spread evenly over the suite's tasks (500 -> 10 tasks x 50 trials).
+    n: int = 500
+    suite: str = "libero_spatial"
+    output_dir: pathlib.Path = pathlib.Path("outputs/eval")
+    # Simulator worker processes whose observations share one policy call (1: all in this process).
+    num_envs: int = 1
+    # Policy steps per episode after the 10 settle steps; None: the suite's (spatial 220, object 280,
+    # goal 300, libero_10 520, libero_90 400).
+    max_steps: int | None = None
+    # Episodes recorded as MP4 (the first trials of the first tasks).
+    videos: int = 4
+    seed: int = sim.ENV_SEED
+
+    def __post_init__(self):
+        if self.suite not in MAX_STEPS and self.max_steps is None:
+            raise ValueError(f"suite {self.suite!r}: no default max_steps, expected one of {list(MAX_STEPS)} "
+                             "or an explicit --max-steps")
+        if self.num_envs < 1 or self.videos < 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError(f"EvalConfig: expected num_envs >= 1, videos >= 0, max_steps >= 1; got {self}")
+
+    @property
+    def steps(self) -> int:
+        return self.max_steps if self.max_steps is not None else MAX_STEPS[self.suite]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyInfo:
+    """What the results table says about the policy, and the camera removal its variant implies."""
+
+    variant: str
+    backbone: str  # "full-FT", "LoRA", ...
+    mechanism: str  # "view_remove (physical)", "view_dropout (zeros)", "none", ...
+    checkpoint: str
+    view_remove_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    view_dropout_train: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# Fields that must match for a rerun to continue an output directory's episodes.
+_RESUME_KEYS = ("suite", "n", "max_steps", "seed", "variant", "checkpoint")
+
+
+def _check_resume(out_dir: pathlib.Path, identity: dict) -> None:
+    path = out_dir / "eval_config.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        diff = {k: (before.get(k), identity[k]) for k in _RESUME_KEYS if before.get(k) != identity[k]}
+        if diff:
+            raise ValueError(f"{out_dir} holds episodes of another evaluation; differing (before, now): {diff}. "
+                             "Use another --output-dir.")
+    else:
+        path.write_text(json.dumps(identity, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _file_log(path: pathlib.Path):
+    """Everything eqx_pi05 logs during the run also goes to `path` (the audit line included)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("eqx_pi05")
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def evaluate(
+    config: EvalConfig,
+    policy: Policy,
+    info: PolicyInfo,
+    tasks: Sequence[sim.Task] | None = None,
+    make_env: Callable[[sim.Task], Env] | None = None,
+) -> dict:
+    """Audit, run the episodes not yet in OUTPUT/episodes.jsonl, write the results; returns results.json.
+
+    `tasks` / `make_env` default to the real suite and sim.LiberoEnv (tests pass the fake simulator).
+    """
+    out = pathlib.Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _file_log(out / "eval.log"):
+        return _evaluate(config, policy, info, tasks, make_env, out)
+
+
+def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
+    start = time.perf_counter()
+    tasks = list(tasks) if tasks is not None else sim.suite_tasks(config.suite)
+    make_env = make_env or functools.partial(sim.LiberoEnv, seed=config.seed)
+    identity = {"suite": config.suite, "n": config.n, "max_steps": config.steps, "seed": config.seed,
+                "variant": info.variant, "checkpoint": info.checkpoint}
+    _check_resume(out, identity)
+    log.info("evaluation %s", json.dumps({**identity, "num_envs": config.num_envs, "output_dir": str(out)}))
+
+    first_env = make_env(tasks[0])
+    try:
+        trials_available = first_env.num_trials
+        first = policy_observation(first_env.reset(0), tasks[0].language, noise_seed(tasks[0].index, 0, 0))
+    finally:
+        first_env.close()
+    audit_line = audit_removal(policy, first, info.view_remove_eval, info.view_dropout_train)
+    log.info(audit_line)
+
+    counts = results.episodes_per_task(config.n, len(tasks), trials_available)
+    planned = {t.index: c for t, c in zip(tasks, counts)}
+    done = {(r.task, r.trial) for r in results.load_episodes(out)}
+    todo = {t: [e for e in range(planned[t.index]) if (t.index, e) not in done] for t in tasks}
+    remaining = sum(map(len, todo.values()))
+    log.info("%d episodes planned, %d already in %s, %d to run", config.n, config.n - remaining,
+             results.EPISODES, remaining)
+    order = sorted(((e, t.index) for t in tasks for e in range(planned[t.index])))[: config.videos]
+    videos = {(ti, e): out / "videos" / f"task{ti:02d}_trial{e:02d}" for e, ti in order if (ti, e) not in done}
+    greyed = tuple(c for c, p in info.view_remove_eval.items() if p >= 1.0)
+
+    bar = tqdm(total=remaining, desc="episodes", unit="ep")
+
+    def on_result(r: EpisodeResult) -> None:
+        results.append_episode(out, r)
+        bar.update(1)
+        log.info("task %d trial %d: %s after %d steps (%.1f s)%s", r.task, r.trial,
+                 "success" if r.success else "failure", r.steps, r.seconds, f" [{r.error}]" if r.error else "")
+
+    try:
+        run_chunks(plan_chunks(todo, config.num_envs, videos), make_env, policy,
+                   Settings(config.steps, greyed=greyed), config.num_envs, on_result)
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    summary = results.summarize(results.load_episodes(out), tasks, planned)
+    header = {**identity, "backbone": info.backbone, "mechanism": info.mechanism, "audit": audit_line,
+              "num_envs": config.num_envs, "wall_seconds_this_invocation": round(wall, 1),
+              "episodes_this_invocation": remaining,
+              "episodes_per_hour_this_invocation": round(3600 * remaining / wall, 1) if remaining else None}
+    paths = results.write_results(out, summary, header)
+    log.info("success %s -> %s", summary["total"]["text"], paths["md"])
+    return {**header, **summary}
+
