@@ -1,0 +1,149 @@
+"""The one transform chain from a LIBERO sample to a model input, shared by training and the policy.
+
+Input (openpi client key names, one sample, no batch dim):
+    {"observation/image": uint8 HWC (any size) or float CHW, "observation/wrist_image": same,
+     "observation/state": (8,), "prompt": str, optional "actions": (H, 7)}
+Output (what the model's batch holds per sample):
+    {"image": {base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb: uint8 (224, 224, 3)},
+     "image_mask": {same keys: bool}, "state": float32 (32,),
+     "tokenized_prompt": int32 (L,), "tokenized_prompt_mask": bool (L,), optional "actions": float32 (H, 32)}
+
+Order as openpi's pi05_libero (SPEC-openpi §5.2): LiberoInputs -> Normalize (quantile) -> resize to
+224 -> tokenize -> pad to 32. `view_dropout` (train only) and `view_remove` sit right after
+LiberoInputs, where the research report injects them. Outputs go back through `libero_outputs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from jaxtyping import Float
+
+from eqx_pi05.data import images as _images
+from eqx_pi05.data.config import DataConfig
+from eqx_pi05.data.norm_stats import NormStats, quantile_normalize, quantile_unnormalize
+from eqx_pi05.data.tokenizer import Tokenizer
+from eqx_pi05.views import CameraProbs, apply_view_dropout, apply_view_remove
+
+MODEL_ACTION_DIM = 32
+IMAGE_SIZE = 224
+LIBERO_ACTION_DIM = 7
+
+
+def libero_inputs(sample: dict) -> dict:
+    """openpi `LiberoInputs` for pi0/pi05: agentview -> base_0_rgb, wrist -> left_wrist_0_rgb, and the
+    unused right_wrist_0_rgb slot = zeros with mask False (the padding convention)."""
+    for key in ("observation/image", "observation/wrist_image", "observation/state"):
+        if key not in sample:
+            raise KeyError(f"libero_inputs: sample lacks {key!r}; it has {sorted(sample)}")
+    base = _images.to_uint8_hwc(sample["observation/image"])
+    wrist = _images.to_uint8_hwc(sample["observation/wrist_image"])
+    out = {
+        "state": np.asarray(sample["observation/state"], np.float32),
+        "image": {"base_0_rgb": base, "left_wrist_0_rgb": wrist, "right_wrist_0_rgb": np.zeros_like(base)},
+        "image_mask": {"base_0_rgb": np.True_, "left_wrist_0_rgb": np.True_, "right_wrist_0_rgb": np.False_},
+        "prompt": sample.get("prompt"),
+    }
+    if "actions" in sample:
+        out["actions"] = np.asarray(sample["actions"], np.float32)
+    return out
+
+
+def normalize(data: dict, stats: dict[str, NormStats]) -> dict:
+    """Quantile-normalize state (and actions when present) to about [-1, 1], before padding."""
+    out = {**data, "state": quantile_normalize(data["state"], stats["state"])}
+    if "actions" in data:
+        out["actions"] = quantile_normalize(data["actions"], stats["actions"])
+    return out
+
+
+def resize_images(data: dict, size: int = IMAGE_SIZE) -> dict:
+    return {**data, "image": {k: _images.resize_with_pad(v, size, size) for k, v in data["image"].items()}}
+
+
+def tokenize(data: dict, tokenizer: Tokenizer, discrete_state_input: bool) -> dict:
+    """Replace `prompt` with token ids and mask; the discrete-state format reads the normalized,
+    unpadded state, which is why this runs before `pad_state_actions`."""
+    if not data.get("prompt"):
+        raise ValueError("tokenize: the sample has no prompt (the task instruction is required)")
+    tokens, mask = tokenizer.tokenize(data["prompt"], data["state"] if discrete_state_input else None)
+    out = {k: v for k, v in data.items() if k != "prompt"}
+    return {**out, "tokenized_prompt": tokens, "tokenized_prompt_mask": mask}
+
+
+def pad_state_actions(data: dict, dim: int = MODEL_ACTION_DIM) -> dict:
+    """Zero-pad the last axis of state and actions to `dim` (the model's action_dim)."""
+    out = {**data, "state": _pad(data["state"], dim, "state")}
+    if "actions" in data:
+        out["actions"] = _pad(data["actions"], dim, "actions")
+    return out
+
+
+def _pad(x: np.ndarray, dim: int, name: str) -> np.ndarray:
+    if x.shape[-1] > dim:
+        raise ValueError(f"pad {name}: expected at most {dim} values in the last axis, got shape {x.shape}")
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, dim - x.shape[-1])]).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transforms:
+    """`transform(sample, index)`: the whole chain for one sample.
+
+    `index` identifies the sample for the view draws: the pipeline passes the global position in
+    its shuffled stream; the policy server passes any running count of its queries.
+    """
+
+    norm_stats: dict[str, NormStats]
+    tokenizer: Tokenizer
+    discrete_state_input: bool
+    action_horizon: int
+    view_dropout_seed: int
+    view_dropout: CameraProbs  # all zeros outside training
+    view_remove_seed: int
+    view_remove: CameraProbs  # the train or the eval probabilities
+
+    def __call__(self, sample: dict, index: int) -> dict:
+        data = libero_inputs(sample)
+        if "actions" in data and data["actions"].shape[0] != self.action_horizon:
+            raise ValueError(f"actions: expected a chunk of {self.action_horizon} steps, got shape {data['actions'].shape}")
+        data = apply_view_dropout(data, index, self.view_dropout_seed, self.view_dropout)
+        data = apply_view_remove(data, index, self.view_remove_seed, self.view_remove)
+        data = normalize(data, self.norm_stats)
+        data = resize_images(data)
+        data = tokenize(data, self.tokenizer, self.discrete_state_input)
+        return pad_state_actions(data)
+
+
+def make_transforms(cfg: DataConfig, norm_stats: dict[str, NormStats], tokenizer: Tokenizer, train: bool) -> Transforms:
+    """The chain for training (`train=True`: view_dropout + view_remove.train) or for the policy
+    at evaluation (`train=False`: view_remove.eval only)."""
+    if tokenizer.max_len != cfg.max_token_len:
+        raise ValueError(f"tokenizer max_len {tokenizer.max_len} != DataConfig.max_token_len {cfg.max_token_len}")
+    return Transforms(
+        norm_stats=norm_stats,
+        tokenizer=tokenizer,
+        discrete_state_input=cfg.discrete_state_input,
+        action_horizon=cfg.action_horizon,
+        view_dropout_seed=cfg.view_dropout.seed,
+        view_dropout=cfg.view_dropout.train if train else CameraProbs(),
+        view_remove_seed=cfg.view_remove.seed,
+        view_remove=cfg.view_remove.train if train else cfg.view_remove.eval,
+    )
+
+
+def libero_outputs(actions: Float[np.ndarray, "*b h d"], norm_stats: dict[str, NormStats]) -> Float[np.ndarray, "*b h 7"]:
+    """Model actions (normalized, padded to 32) -> LIBERO actions: quantile-unnormalize, keep 7 dims
+    (openpi's output chain Unnormalize -> LiberoOutputs)."""
+    return quantile_unnormalize(np.asarray(actions, np.float64), norm_stats["actions"])[..., :LIBERO_ACTION_DIM]
+
+
+def stack(samples: list[dict]) -> dict:
+    """Batch per-sample dicts along a new leading axis (for the policy, which sees one sample at a time)."""
+    if not samples:
+        raise ValueError("stack: no samples")
+    first = samples[0]
+    if isinstance(first, dict):
+        return {k: stack([s[k] for s in samples]) for k in first}
+    return np.stack([np.asarray(s) for s in samples])
+
