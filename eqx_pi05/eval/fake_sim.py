@@ -69,7 +69,7 @@ class FakeEnv:
             raise RuntimeError(f"fake simulator glitch at task {self.task.index} trial {self.trial} step {self.steps}")
         action = np.asarray(action, dtype=np.float64)
         self.pos = self.pos + STEP_SIZE * np.clip(action[:3], -1, 1)
-        self.gripper = float(action[6])
+        self.gripper = float(np.clip(action[6], -1, 1))
         self.steps += 1
         return self._obs(), bool(np.linalg.norm(self.pos) < GOAL_TOLERANCE)
 

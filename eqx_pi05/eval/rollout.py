@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Generator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from jaxtyping import Float
@@ -37,6 +37,7 @@ CAMERA_KEYS = {"agentview": "observation/image", "wrist": "observation/wrist_ima
 Policy = Callable[[list[dict]], Float[np.ndarray, "n horizon 7"]]
 
 
+@runtime_checkable
 class Env(Protocol):
     """What the rollout needs from a simulator (sim.LiberoEnv, or fake_sim.FakeEnv in tests)."""
 

@@ -1,0 +1,69 @@
+"""Evaluate a checkpoint on LIBERO with openpi's protocol (SPEC.md §4), in the real simulator.
+
+    python evaluate.py --n 500 --checkpoint DIR [--suite libero_spatial] [--output-dir DIR]
+                       [--num-envs K] [--max-steps N] [--videos N] [--params ema|params]
+
+The policy is the checkpoint's model with the transform chain and the eval-time camera removal of
+its training variant (read from the checkpoint's saved config), EMA params by default. A removal
+audit runs before the episodes and stops the run if the policy reads a removed camera. Episodes are
+appended to OUTPUT/episodes.jsonl as they finish; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import tyro
+
+from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    # Checkpoint directory written by train.py (model params, EMA params, training config).
+    checkpoint: pathlib.Path
+    # Episodes in all, spread evenly over the suite's tasks (500 -> 10 tasks x 50 trials).
+    n: int = 500
+    suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"] = "libero_spatial"
+    # Default: outputs/eval/<checkpoint dir name>_<suite>.
+    output_dir: pathlib.Path | None = None
+    # Simulator worker processes batched into one policy call (1: everything in this process).
+    num_envs: int = 1
+    # Policy steps per episode; default the suite's (spatial 220, object 280, goal 300, 10: 520, 90: 400).
+    max_steps: int | None = None
+    # Episodes recorded as MP4 (agentview | wrist, a removed camera greyed).
+    videos: int = 4
+    # Which weights of the checkpoint: the EMA (default, as openpi evaluates) or the raw params.
+    params: Literal["ema", "params"] = "ema"
+    seed: int = 7
+
+    def config(self) -> EvalConfig:
+        out = self.output_dir or pathlib.Path("outputs/eval") / f"{self.checkpoint.resolve().name}_{self.suite}"
+        return EvalConfig(n=self.n, suite=self.suite, output_dir=out, num_envs=self.num_envs,
+                          max_steps=self.max_steps, videos=self.videos, seed=self.seed)
+
+
+def main(
+    args: Args,
+    policy: Callable[[list[dict]], object] | None = None,
+    info: PolicyInfo | None = None,
+    tasks: Sequence | None = None,
+    make_env: Callable | None = None,
+) -> dict:
+    """`policy`/`info` replace the checkpoint's policy (tests); both or neither."""
+    if (policy is None) != (info is None):
+        raise ValueError("evaluate.main: pass both `policy` and `info`, or neither (then the checkpoint's is built)")
+    if policy is None:
+        from eqx_pi05.eval.policy import load_policy  # noqa: PLC0415 - JAX and the model only when needed
+
+        policy, info = load_policy(args.checkpoint, params=args.params, batch_size=args.num_envs)
+    return evaluate(args.config(), policy, info, tasks=tasks, make_env=make_env)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main(tyro.cli(Args))

@@ -1,0 +1,152 @@
+"""A whole evaluation run on the fake simulator: resume, results files, report table, evaluate.py."""
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from eqx_pi05.eval import report, results
+from eqx_pi05.eval.fake_sim import FakeEnv, fake_tasks, homing_policy
+from eqx_pi05.eval.rollout import noise_seed
+from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
+
+from conftest import REPO
+
+TASKS = fake_tasks(3)
+REMOVE = PolicyInfo("wristonly_physdrop", "full-FT", "view_remove (physical)", "ckpt/B2",
+                    view_remove_eval={"agentview": 1.0})
+
+
+def wrist_only_policy(observations):
+    """Honours the removal of agentview: it only reads the state and the wrist image."""
+    out = homing_policy(observations)
+    for chunk, obs in zip(out, observations):
+        chunk[:, 3] = obs["observation/wrist_image"].mean() / 255.0
+    return out
+
+
+class StopAfter:
+    """A policy that raises after `calls` calls, like a run killed part-way."""
+
+    def __init__(self, calls):
+        self.left = calls
+
+    def __call__(self, observations):
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt("killed")
+        return wrist_only_policy(observations)
+
+
+def _config(tmp_path, name, **kw):
+    return EvalConfig(**{"n": 7, "suite": "libero_spatial", "output_dir": tmp_path / name, "max_steps": 25,
+                         "videos": 2, **kw})
+
+
+def _episodes(out):
+    return sorted((r.task, r.trial, r.success, r.steps) for r in results.load_episodes(out))
+
+
+def test_resumed_run_skips_done_episodes_and_ends_with_the_uninterrupted_results(tmp_path):
+    whole = evaluate(_config(tmp_path, "whole"), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    cut = _config(tmp_path, "cut")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cut, StopAfter(12), REMOVE, TASKS, FakeEnv)
+    done_before = _episodes(cut.output_dir)
+    assert 0 < len(done_before) < 7
+    calls = []
+    resumed = evaluate(cut, lambda obs: calls.extend(obs) or wrist_only_policy(obs), REMOVE, TASKS, FakeEnv)
+    assert resumed["episodes_this_invocation"] == 7 - len(done_before)
+    ran = {o["noise_seed"] for o in calls}
+    audit = noise_seed(0, 0, 0)  # the removal audit queries the policy with task 0 trial 0's first observation
+    assert not ran & ({noise_seed(t, e, 0) for t, e, _, _ in done_before} - {audit})  # done ones not rerun
+    assert {noise_seed(t, e, 0) for t, e, _, _ in _episodes(cut.output_dir)} - {audit} <= ran | {
+        noise_seed(t, e, 0) for t, e, _, _ in done_before}
+    assert _episodes(cut.output_dir) == _episodes(tmp_path / "whole")
+    assert resumed["total"] == whole["total"]
+
+
+def test_rerunning_a_finished_evaluation_runs_no_episode(tmp_path):
+    evaluate(_config(tmp_path, "a"), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    again = evaluate(_config(tmp_path, "a"), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    assert again["episodes_this_invocation"] == 0 and again["total"]["episodes"] == 7
+
+
+def test_resume_refuses_an_output_dir_of_another_evaluation(tmp_path):
+    evaluate(_config(tmp_path, "a"), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    with pytest.raises(ValueError, match="max_steps"):
+        evaluate(_config(tmp_path, "a", max_steps=30), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+
+
+def test_a_last_line_cut_by_a_kill_is_dropped_and_earlier_lines_kept(tmp_path):
+    r = results.EpisodeResult(task=1, trial=2, success=True, steps=9, seconds=1.5)
+    results.append_episode(tmp_path, r)
+    with open(tmp_path / results.EPISODES, "a") as f:
+        f.write('{"task": 1, "tri')
+    assert results.load_episodes(tmp_path) == [r]
+    assert (tmp_path / results.EPISODES).read_text().endswith("\n")
+
+
+def test_results_files_report_per_task_and_total_success_with_counts(tmp_path):
+    res = evaluate(_config(tmp_path, "run", n=6), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    out = tmp_path / "run"
+    eps = results.load_episodes(out)
+    wins = sum(r.success for r in eps)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["total"]["successes"] == wins and on_disk["total"]["episodes"] == 6
+    assert on_disk["total"]["text"] == f"{100 * wins / 6:.1f}% ({wins}/6)"
+    assert [row["episodes"] for row in on_disk["per_task"]] == [2, 2, 2]
+    assert on_disk["mechanism"] == "view_remove (physical)" and on_disk == json.loads(json.dumps(res))
+    md = (out / "results.md").read_text()
+    assert f"| **all** | | **{on_disk['total']['text']}** |" in md
+    assert f"| 1 | {TASKS[1].language} | {on_disk['per_task'][1]['text']} |" in md
+    assert (out / "success_per_task.png").read_bytes()[:4] == b"\x89PNG"
+    assert "eval physical view-removal {agentview=1} audit=pass" in (out / "eval.log").read_text()
+    videos = sorted(p.name for p in (out / "videos").iterdir())
+    assert len(videos) == 2 and videos[0].startswith("task00_trial00_") and videos[1].startswith("task01_trial00_")
+
+
+def test_video_shows_both_cameras_side_by_side_with_the_removed_one_grey(tmp_path):
+    import imageio.v3 as iio
+
+    evaluate(_config(tmp_path, "run", n=1, videos=1), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    (video,) = (tmp_path / "run" / "videos").iterdir()
+    frames = iio.imread(video, plugin="pyav")
+    assert frames.shape[1:] == (256, 512, 3) and len(frames) > 10
+    left = frames[..., :256, :].astype(int)
+    assert np.abs(left - left[..., :1]).max() <= 12  # grey: the channels agree (up to video compression)
+
+
+def test_episodes_are_spread_evenly_over_tasks_and_capped_by_the_initial_states():
+    assert results.episodes_per_task(500, 10, 50) == [50] * 10
+    assert results.episodes_per_task(12, 10, 50) == [2, 2] + [1] * 8
+    with pytest.raises(ValueError, match="only 50 fixed initial states"):
+        results.episodes_per_task(510, 10, 50)
+
+
+def test_report_builds_the_results_table_from_several_runs(tmp_path):
+    evaluate(_config(tmp_path, "B2_physdrop", n=3), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    dropout = PolicyInfo("wristonly_zero", "full-FT", "view_dropout (zeros)", "ckpt/B1",
+                         view_dropout_train={"agentview": 1.0})
+    evaluate(_config(tmp_path, "B1_zero", n=3), wrist_only_policy, dropout, TASKS, FakeEnv)
+    text = report.main([tmp_path / "B2_physdrop", tmp_path / "B1_zero"], output=tmp_path / "table")
+    rows = [line for line in text.splitlines() if line.startswith("| wristonly")]
+    b2 = json.loads((tmp_path / "B2_physdrop" / "results.json").read_text())["total"]["text"]
+    assert rows[0] == f"| wristonly_physdrop | full-FT | view_remove (physical) | {b2} | B2_physdrop · audit=pass |"
+    assert rows[1].startswith("| wristonly_zero | full-FT | view_dropout (zeros) |") and rows[1].endswith("| B1_zero |")
+    assert (tmp_path / "table.md").read_text() == text
+    assert (tmp_path / "table.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_py_runs_with_an_injected_policy_and_refuses_half_an_injection(tmp_path):
+    spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = cli  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(cli)
+    args = cli.Args(checkpoint=tmp_path / "ckpt", n=2, output_dir=tmp_path / "out", max_steps=5, videos=0)
+    res = cli.main(args, wrist_only_policy, REMOVE, tasks=TASKS, make_env=FakeEnv)
+    assert res["total"]["episodes"] == 2
+    with pytest.raises(ValueError, match="both"):
+        cli.main(args, wrist_only_policy, None)
