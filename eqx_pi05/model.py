@@ -192,11 +192,13 @@ def sample_actions_uncached(
     """The same integration recomputing the whole sequence every step (reference for the cache)."""
     dt = -1.0 / num_steps
     x, t = noise, jnp.float32(1.0)
+    velocity = eqx.filter_jit(Pi05.velocity)
     for _ in range(num_steps):
-        x = x + dt * model.velocity(obs, x, jnp.broadcast_to(t, (noise.shape[0],)))
+        x = x + dt * velocity(model, obs, x, jnp.broadcast_to(t, (noise.shape[0],)))
         t = t + dt
     return x
 
 
 def count_params(model) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))))
+    """Number of parameters; works on abstract (eval_shape) models too."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(model) if hasattr(x, "shape")))

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,10 +70,17 @@ def case_names(cases: dict) -> list[str]:
     return sorted({k.split("/")[0] for k in cases if k.startswith("case_")})
 
 
+def fixture_image(cases: dict, name: str) -> np.ndarray:
+    """A camera's float32 image; derived from the uint8 one exactly as openpi does when absent."""
+    if f"inputs/image/{name}" in cases:
+        return cases[f"inputs/image/{name}"]
+    return cases[f"inputs/image_uint8/{name}"].astype(np.float32) / 255.0 * 2.0 - 1.0
+
+
 def observation(cases: dict, case: str) -> Observation:
-    names = [k for k in IMAGE_KEYS if f"inputs/image/{k}" in cases]
+    names = [k for k in IMAGE_KEYS if f"inputs/image/{k}" in cases or f"inputs/image_uint8/{k}" in cases]
     return Observation(
-        images={k: jnp.asarray(cases[f"inputs/image/{k}"]) for k in names},
+        images={k: jnp.asarray(fixture_image(cases, k)) for k in names},
         image_masks={k: jnp.asarray(cases[f"{case}/image_mask/{k}"]) for k in names},
         state=jnp.asarray(cases["inputs/state"]),
         tokenized_prompt=jnp.asarray(cases["inputs/tokenized_prompt"]),
@@ -85,12 +93,12 @@ def compute_case(model: Pi05, cases: dict, case: str) -> dict[str, np.ndarray]:
     obs = observation(cases, case)
     noise, actions, t = (jnp.asarray(cases[f"inputs/{k}"]) for k in ("noise", "actions", "time"))
     out = {
-        "v_t": model.velocity(obs, t[:, None, None] * noise + (1 - t[:, None, None]) * actions, t),
-        "loss": model.loss(obs, actions, noise, t),
+        "v_t": eqx.filter_jit(Pi05.velocity)(model, obs, t[:, None, None] * noise + (1 - t[:, None, None]) * actions, t),
+        "loss": eqx.filter_jit(Pi05.loss)(model, obs, actions, noise, t),
         "sample_actions": sample_actions(model, obs, noise, num_steps=10),
     }
-    prefix, prefix_mask, _ = model.embed_prefix(obs)
-    _, _, _, cond = model.embed_suffix(cases[f"{case}/x_t"], t)
+    prefix, prefix_mask, _ = eqx.filter_jit(Pi05.embed_prefix)(model, obs)
+    _, _, _, cond = eqx.filter_jit(Pi05.embed_suffix)(model, jnp.asarray(cases[f"{case}/x_t"]), t)
     input_mask = jnp.concatenate([prefix_mask, jnp.ones(noise.shape[:2], bool)], axis=1)
     ar = jnp.concatenate([jnp.zeros(prefix.shape[1], bool), jnp.arange(noise.shape[1]) == 0])
     out.update(

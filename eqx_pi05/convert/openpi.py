@@ -103,11 +103,13 @@ def to_openpi(model: Pi05) -> dict[str, object]:
 
 
 def from_openpi(
-    flat: Mapping[str, object], config: Pi05Config, *, missing_from: Pi05 | None = None, dtype=np.float32
+    flat: Mapping[str, object], config: Pi05Config, *, lora_seed: int | None = None, dtype=np.float32
 ) -> Pi05:
     """Build our model from a flat openpi param dict. Shape mismatch or missing/extra leaf → ValueError
-    naming the path and both shapes. `missing_from`: a model whose LoRA leaves fill adapters the
-    checkpoint lacks (fine-tuning a base checkpoint with LoRA, as openpi's weight loader does)."""
+    naming the path and both shapes. `lora_seed`: initialise LoRA adapters the checkpoint lacks
+    (fine-tuning a base checkpoint with LoRA, as openpi's weight loader does): `lora_a` ~ N(0, 0.01),
+    `lora_b` = 0, so the adapted model starts equal to the checkpoint."""
+    rng = None if lora_seed is None else np.random.default_rng(lora_seed)
     template = abstract_model(config)
     pairs = leaf_map(config)
     expected = {path for path, _ in pairs}
@@ -117,8 +119,10 @@ def from_openpi(
     for path, get in pairs:
         want = tuple(get(template).shape)
         if path not in flat:
-            if missing_from is not None and "lora" in path.rsplit("/", 1)[-1]:
-                values.append(get(missing_from))
+            name = path.rsplit("/", 1)[-1]
+            if rng is not None and "lora" in name:
+                a = name.endswith("lora_a")
+                values.append(jax.numpy.asarray(rng.normal(0, 0.01, want) if a else np.zeros(want), dtype=dtype))
                 continue
             errors.append(f"checkpoint param {path}: missing (expected {want})")
             continue

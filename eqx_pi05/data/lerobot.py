@@ -209,29 +209,36 @@ class LeRobotSource:
         return value
 
     def _row_group(self, file_id: int, row: int) -> tuple[int, dict]:
-        """(first row, {feature: list of bytes}) of the row group holding `row`, cached per process."""
+        """(first row, {feature: list of bytes}) of the row group holding `row`, cached per process.
+
+        The lock guards the cache only; reading runs outside it so that threads overlap their I/O.
+        """
         if self._cache is None:
             self._cache, self._lock = collections.OrderedDict(), threading.Lock()
         with self._lock:
-            parquet = self._cache.get(("file", file_id))
-            if parquet is None:
-                parquet = pq.ParquetFile(self.files[file_id], memory_map=True)
-                offsets = np.cumsum([0] + [parquet.metadata.row_group(k).num_rows for k in range(parquet.num_row_groups)])
-                parquet = self._cache[("file", file_id)] = (parquet, offsets)
-            handle, offsets = parquet
-            group = int(np.searchsorted(offsets, row, side="right") - 1)
-            key = (file_id, group)
+            handle = self._cache.get(("file", file_id))
+        if handle is None:
+            parquet = pq.ParquetFile(self.files[file_id], memory_map=True)
+            offsets = np.cumsum([0] + [parquet.metadata.row_group(k).num_rows for k in range(parquet.num_row_groups)])
+            handle = (parquet, offsets)
+            with self._lock:
+                self._cache[("file", file_id)] = handle
+        parquet, offsets = handle
+        group = int(np.searchsorted(offsets, row, side="right") - 1)
+        key = (file_id, group)
+        with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-            table = handle.read_row_group(group, columns=self._parquet_image_features())
-            hit = (int(offsets[group]), {f: _image_column(table.column(f), f"{self.files[file_id]}: column {f}") for f in table.column_names})
+        table = parquet.read_row_group(group, columns=self._parquet_image_features())
+        hit = (int(offsets[group]), {f: _image_column(table.column(f), f"{self.files[file_id]}: column {f}") for f in table.column_names})
+        with self._lock:
             self._cache[key] = hit
             groups = [k for k in self._cache if k[0] != "file"]
             for old in groups[: max(0, len(groups) - ROW_GROUP_CACHE)]:
                 del self._cache[old]
-            return hit
+        return hit
 
     def _video_frame(self, i: int, feature: str) -> np.ndarray:
         from eqx_pi05.data import video  # PyAV only when a video feature is read

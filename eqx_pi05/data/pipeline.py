@@ -16,6 +16,9 @@ who computes a batch, never what it holds. `iter(...)` returns a grain `DatasetI
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grain
 import numpy as np
 
@@ -23,7 +26,7 @@ from eqx_pi05.data import norm_stats as _norm_stats
 from eqx_pi05.data.config import DataConfig
 from eqx_pi05.data.lerobot import LeRobotSource
 from eqx_pi05.data.tokenizer import Tokenizer
-from eqx_pi05.data.transforms import Transforms, make_transforms
+from eqx_pi05.data.transforms import make_transforms
 
 # Per process (parent or worker): threads computing batches, and batches buffered ahead.
 READ_THREADS = 2
@@ -68,7 +71,7 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
 
 def batched_stream(
     source,
-    transform: Transforms,
+    transform: Callable[[Any, int], dict],
     *,
     batch_size: int,
     seed: int,
@@ -104,10 +107,10 @@ def batched_stream(
 class _WithIndex:
     """grain's map_with_index calls f(index, element); the transforms take (sample, index)."""
 
-    def __init__(self, transform: Transforms):
+    def __init__(self, transform: Callable[[Any, int], dict]):
         self.transform = transform
 
-    def __call__(self, index: int, sample: dict) -> dict:
+    def __call__(self, index: int, sample) -> dict:
         return self.transform(sample, index)
 
 

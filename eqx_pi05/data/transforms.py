@@ -142,8 +142,11 @@ def stack(samples: list[dict]) -> dict:
     """Batch per-sample dicts along a new leading axis (for the policy, which sees one sample at a time)."""
     if not samples:
         raise ValueError("stack: no samples")
-    first = samples[0]
-    if isinstance(first, dict):
-        return {k: stack([s[k] for s in samples]) for k in first}
-    return np.stack([np.asarray(s) for s in samples])
+    return _stack_leaves(samples)
+
+
+def _stack_leaves(items: list):
+    if isinstance(items[0], dict):
+        return {k: _stack_leaves([item[k] for item in items]) for k in items[0]}
+    return np.stack([np.asarray(item) for item in items])
 

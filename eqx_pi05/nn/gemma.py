@@ -20,7 +20,7 @@ from eqx_pi05.nn.lora import Einsum
 
 BIG_NEG = -2.3819763e38  # openpi / gemma's mask fill: finite, so a fully masked row gives a uniform softmax
 
-KVCache = tuple[Float[Array, "l b s k h"], Float[Array, "l b s k h"]]
+KVCache = tuple[Float[Array, "l b c k hd"], Float[Array, "l b c k hd"]]
 
 
 def _rms(x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
@@ -117,7 +117,7 @@ def joint_attention(
     xs: tuple[Float[Array, "b _t0 _d0"] | None, Float[Array, "b _t1 _d1"] | None],
     positions: Int[Array, "b t"],
     mask: Bool[Array, "b t s"],
-    kv_cache: tuple[Float[Array, "b _c k h"], Float[Array, "b _c k h"]] | None,
+    kv_cache: tuple[Float[Array, "b _c k hd"], Float[Array, "b _c k hd"]] | None,
 ):
     """One softmax over [cache | expert-0 tokens | expert-1 tokens]; returns per-expert outputs and (k, v)."""
     qs, ks, vs = [], [], []

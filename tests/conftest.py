@@ -1,0 +1,95 @@
+"""Shape annotations are checked at run time in tests: every public function of eqx_pi05 that carries
+jaxtyping annotations is wrapped with beartype by this import hook."""
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+from jaxtyping import install_import_hook  # noqa: E402
+
+_hook = install_import_hook("eqx_pi05", "beartype.beartype")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "openpi_pi05_tiny"
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> pathlib.Path:
+    if not (FIXTURE / "cases.npz").exists():
+        pytest.skip(f"golden fixture not found at {FIXTURE}")
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def golden(fixture_dir):
+    """(model, cases, config) of the openpi-produced tiny fixture."""
+    from eqx_pi05.parity import load_fixture
+
+    return load_fixture(fixture_dir)
+
+
+@pytest.fixture(scope="session")
+def golden_outputs(golden):
+    """Our outputs on every golden case, computed once per session."""
+    from eqx_pi05.parity import case_names, compute_case
+
+    model, cases, _ = golden
+    return {case: compute_case(model, cases, case) for case in case_names(cases)}
+
+
+def small_config(**overrides):
+    """A fast random-init config: dummy Gemma experts of different widths, 56×56 images (16 patches)."""
+    import dataclasses
+
+    from eqx_pi05.config import GEMMA_DUMMY, SiglipConfig, pi05_tiny
+
+    kw = dict(
+        action_expert=dataclasses.replace(GEMMA_DUMMY, width=32, mlp_dim=64),
+        siglip=SiglipConfig(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=14, image_size=56),
+        vocab_size=64,
+        max_token_len=8,
+        action_horizon=4,
+    )
+    kw.update(overrides)
+    return pi05_tiny(**kw)
+
+
+def random_batch(config, batch=2, seed=0, masks=None):
+    """A model batch dict in the data pipeline's format (uint8 images)."""
+    import numpy as np
+
+    from eqx_pi05.config import IMAGE_KEYS
+
+    rng = np.random.default_rng(seed)
+    s = config.siglip.image_size
+    masks = masks or {"base_0_rgb": [True] * batch, "left_wrist_0_rgb": [True] * batch, "right_wrist_0_rgb": [False] * batch}
+    lens = rng.integers(2, config.max_token_len + 1, batch)
+    return {
+        "image": {k: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for k in IMAGE_KEYS},
+        "image_mask": {k: np.asarray(masks[k], bool) for k in IMAGE_KEYS},
+        "state": rng.normal(size=(batch, 32)).astype(np.float32),
+        "tokenized_prompt": np.where(np.arange(config.max_token_len) < lens[:, None], rng.integers(1, config.vocab_size, (batch, config.max_token_len)), 0).astype(np.int32),
+        "tokenized_prompt_mask": np.arange(config.max_token_len) < lens[:, None],
+        "actions": rng.normal(size=(batch, config.action_horizon, config.action_dim)).astype(np.float32),
+    }
+
+
+def random_model(config, seed=0):
+    """A model with every leaf random (numpy RNG: no JAX PRNG programs to compile, so it is fast).
+    Unlike a fresh init, no path is gated off: adaRMS gates, SigLIP head and norms all carry signal."""
+    import numpy as np
+
+    from eqx_pi05.convert import openpi
+
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, leaf in openpi.to_openpi(openpi.abstract_model(config)).items():
+        shape = tuple(leaf.shape)
+        std = 0.1 if len(shape) < 2 or path.endswith("bias") else 1 / np.sqrt(shape[-2])
+        flat[path] = rng.normal(0, std, shape).astype(np.float32)
+    return openpi.from_openpi(flat, config)
