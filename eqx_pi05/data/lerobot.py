@@ -204,12 +204,15 @@ class LeRobotSource:
         file_id, row = int(self._file[i]), int(self._row[i])
         starts, groups = self._row_group(file_id, row)
         value = groups[feature][row - starts]
-        if value is None:
+        if not value.is_valid:
             raise ValueError(f"{self.where(i)}: {feature}: no image bytes stored (null)")
-        return value
+        return value.as_py()
 
     def _row_group(self, file_id: int, row: int) -> tuple[int, dict]:
-        """(first row, {feature: list of bytes}) of the row group holding `row`, cached per process.
+        """(first row, {feature: arrow array of bytes}) of the row group holding `row`, cached per process.
+
+        Under a global shuffle of a large dataset most reads miss the cache: one sample then costs one
+        row-group read (LeRobot/HF write 100 frames per group, ~13 MB of PNG for LIBERO).
 
         The lock guards the cache only; reading runs outside it so that threads overlap their I/O.
         """
@@ -350,7 +353,7 @@ def _vectors(column: pa.ChunkedArray, dim: int, feature: str, where) -> np.ndarr
     return vectors
 
 
-def _image_column(column: pa.ChunkedArray, where: str) -> list:
+def _image_column(column: pa.ChunkedArray, where: str) -> pa.Array:
     array = column.combine_chunks()
     if pa.types.is_struct(array.type):
         if array.type.get_field_index("bytes") < 0:
@@ -358,7 +361,7 @@ def _image_column(column: pa.ChunkedArray, where: str) -> list:
         array = pc.struct_field(array, "bytes")
     if not (pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)):
         raise ValueError(f"{where}: expected encoded image bytes, got type {array.type}")
-    return array.to_pylist()
+    return array
 
 
 def _hwc(feature: dict) -> tuple[int, int, int] | None:
