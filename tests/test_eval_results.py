@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import pathlib
 import sys
 
 import numpy as np
@@ -12,8 +13,8 @@ from eqx_pi05.eval.fake_sim import FakeEnv, fake_tasks, homing_policy
 from eqx_pi05.eval.rollout import noise_seed
 from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
 
-from conftest import REPO
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS = fake_tasks(3)
 REMOVE = PolicyInfo("wristonly_physdrop", "full-FT", "view_remove (physical)", "ckpt/B2",
                     view_remove_eval={"agentview": 1.0})
