@@ -62,21 +62,21 @@ def audit_removal(
     audited = [c for c, p in removed.items() if p >= 1.0]
     if not audited:
         return f"eval physical view-removal {_settings(removed)} is stochastic (p < 1): audit=skipped"
+    failed = f"eval physical view-removal {_settings(removed)} audit=FAIL"
     first = _actions(policy, _with_noise(observation, audited, seed=1))
-    again = _actions(policy, _with_noise(observation, audited, seed=1))
-    if not np.array_equal(first, again):
-        raise RemovalAuditError(
-            f"eval physical view-removal {_settings(removed)} audit=FAIL: the policy is not deterministic for a "
-            f"fixed observation (max |diff| {np.max(np.abs(first - again)):.3g}); it must draw its sampling "
-            "noise from the observation's noise_seed for the audit (and batched evaluation) to be exact")
-    other = _actions(policy, _with_noise(observation, audited, seed=2))
-    if not np.array_equal(first, other):
-        raise RemovalAuditError(
-            f"eval physical view-removal {_settings(removed)} audit=FAIL: replacing the pixels of "
-            f"{audited} with other noise changed the actions (max |diff| {np.max(np.abs(first - other)):.3g}); "
-            "the policy reads a camera that is configured as removed")
+    _require_equal(first, _actions(policy, _with_noise(observation, audited, seed=1)), failed,
+                   "the policy is not deterministic for a fixed observation; it must draw its sampling noise "
+                   "from the observation's noise_seed for the audit (and batched evaluation) to be exact")
+    _require_equal(first, _actions(policy, _with_noise(observation, audited, seed=2)), failed,
+                   f"replacing the pixels of {audited} with other noise changed the actions; the policy reads a "
+                   "camera that is configured as removed")
     visible = [c for c in CAMERA_KEYS if c not in audited]
     if visible and np.array_equal(first, _actions(policy, _with_noise(observation, audited + visible, seed=3))):
         log.warning("removal audit: noise on the visible camera(s) %s did not change the actions either; "
                     "the policy may ignore its images altogether", visible)
     return f"eval physical view-removal {_settings(removed)} audit=pass"
+
+
+def _require_equal(a: np.ndarray, b: np.ndarray, failed: str, why: str) -> None:
+    if not np.array_equal(a, b):
+        raise RemovalAuditError(f"{failed}: {why} (max |diff| {np.max(np.abs(a - b)):.3g})")
