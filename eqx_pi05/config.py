@@ -81,6 +81,9 @@ class Pi05Config:
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     # Recompute every layer in the backward pass (openpi's nothing_saveable remat).
     remat: bool = True
+    # Unroll the layer scans (same function). XLA's cost analysis counts a loop body once, so
+    # FLOP counts need unrolled layers; otherwise leave it off (compile time grows with depth).
+    unroll: bool = False
 
     def __post_init__(self):
         a, b = self.paligemma, self.action_expert

@@ -74,8 +74,9 @@ class Pi05(eqx.Module):
     def __init__(self, config: Pi05Config, *, key: PRNGKeyArray):
         ki, kl, ka, kt1, kt2, ko = jax.random.split(key, 6)
         w = config.action_expert.width
-        self.img = Siglip(config.siglip, config.paligemma.width, key=ki, remat=config.remat)
-        self.llm = JointTransformer(config.paligemma, config.action_expert, config.vocab_size, key=kl, remat=config.remat)
+        flags = dict(remat=config.remat, unroll=config.unroll)
+        self.img = Siglip(config.siglip, config.paligemma.width, key=ki, **flags)
+        self.llm = JointTransformer(config.paligemma, config.action_expert, config.vocab_size, key=kl, **flags)
         self.action_in_proj = Dense(config.action_dim, w, key=ka)
         self.time_mlp_in = Dense(w, w, key=kt1)
         self.time_mlp_out = Dense(w, w, key=kt2)

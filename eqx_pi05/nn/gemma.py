@@ -193,8 +193,18 @@ class JointTransformer(eqx.Module):
     final_norm: RMSNorm
     final_norm_1: AdaRMSNorm
     remat: bool = eqx.field(static=True)
+    unroll: bool = eqx.field(static=True)
 
-    def __init__(self, llm: GemmaConfig, expert: GemmaConfig, vocab: int, *, key: PRNGKeyArray, remat: bool = False):
+    def __init__(
+        self,
+        llm: GemmaConfig,
+        expert: GemmaConfig,
+        vocab: int,
+        *,
+        key: PRNGKeyArray,
+        remat: bool = False,
+        unroll: bool = False,
+    ):
         ke, k0, k1, kf = jax.random.split(key, 4)
         self.embedder = Embedder(vocab, llm.width, key=ke)
         l0 = eqx.filter_vmap(lambda k: ExpertLayer(llm, False, key=k))(jax.random.split(k0, llm.depth))
@@ -203,6 +213,7 @@ class JointTransformer(eqx.Module):
         self.final_norm = RMSNorm(llm.width)
         self.final_norm_1 = AdaRMSNorm(expert.width, expert.width, key=kf)
         self.remat = remat
+        self.unroll = unroll
 
     def __call__(
         self,
@@ -225,7 +236,7 @@ class JointTransformer(eqx.Module):
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-        out, kv = jax.lax.scan(body, tuple(xs), (params, kv_cache))
+        out, kv = jax.lax.scan(body, tuple(xs), (params, kv_cache), unroll=self.unroll)
         final = (
             None if out[0] is None else self.final_norm(out[0])[0],
             None if out[1] is None else self.final_norm_1(out[1], adarms_cond)[0],

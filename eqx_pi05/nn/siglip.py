@@ -99,8 +99,11 @@ class Siglip(eqx.Module):
     head: Dense
     config: SiglipConfig = eqx.field(static=True)
     remat: bool = eqx.field(static=True)
+    unroll: bool = eqx.field(static=True)
 
-    def __init__(self, cfg: SiglipConfig, out_width: int, *, key: PRNGKeyArray, remat: bool = False):
+    def __init__(
+        self, cfg: SiglipConfig, out_width: int, *, key: PRNGKeyArray, remat: bool = False, unroll: bool = False
+    ):
         kp, kpos, kb = jax.random.split(key, 3)
         p, d = cfg.patch_size, cfg.width
         self.patch_kernel = jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)(
@@ -113,6 +116,7 @@ class Siglip(eqx.Module):
         self.head = Dense(d, out_width, key=kp, zero_init=True)  # big_vision head_zeroinit
         self.config = cfg
         self.remat = remat
+        self.unroll = unroll
 
     def embed_patches(self, image: Float[Array, "b h w 3"]) -> Float[Array, "b n d"]:
         """Patch conv (VALID, stride = patch) + position embedding, in float32."""
@@ -137,5 +141,5 @@ class Siglip(eqx.Module):
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, params)
+        x, _ = jax.lax.scan(body, x, params, unroll=self.unroll)
         return self.head(self.encoder_norm(x), dtype=dtype)

@@ -1,0 +1,107 @@
+"""Inference: masked vs compacted camera slots, for the both-cam and wrist-only variants.
+
+    python benchmarks/inference.py [--runs 10] [--skip-full]
+
+(a) wall time of `sample_actions` (10 Euler steps, KV cache) with the tiny config on this machine;
+(b) the full-size π0.5 (bf16, prompt 200, horizon 10) lowered with abstract shapes, nothing
+allocated: XLA FLOPs (loop-corrected, see common.corrected_flops) and memory analysis, batch 1.
+"masked" is what the reference computes (all three slots through SigLIP and every layer, masks decide);
+"compacted" leaves out the slots masked in every row (eqx_pi05.compact) — the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import CAMERA_SETS, abstract_batch, compile_abstract, corrected_flops, median_ms, memory, write  # noqa: E402
+
+from eqx_pi05.compact import compact  # noqa: E402
+from eqx_pi05.config import IMAGE_KEYS, pi05_full, pi05_tiny  # noqa: E402
+from eqx_pi05.model import Observation, Pi05, sample_actions  # noqa: E402
+
+MASKS = {
+    "both-cam": {"base_0_rgb": True, "left_wrist_0_rgb": True, "right_wrist_0_rgb": False},
+    "wrist-only": {"base_0_rgb": False, "left_wrist_0_rgb": True, "right_wrist_0_rgb": False},
+}
+
+
+def tiny_batch(config, batch, masks, seed=0):
+    rng = np.random.default_rng(seed)
+    s = config.siglip.image_size
+    return {
+        "image": {k: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for k in IMAGE_KEYS},
+        "image_mask": {k: np.full(batch, masks[k]) for k in IMAGE_KEYS},
+        "state": np.zeros((batch, 32), np.float32),
+        "tokenized_prompt": np.ones((batch, config.max_token_len), np.int32),
+        "tokenized_prompt_mask": np.arange(config.max_token_len)[None].repeat(batch, 0) < 20,
+    }
+
+
+def tiny_rows(runs: int) -> list[dict]:
+    config = pi05_tiny()
+    model = eqx.filter_jit(lambda k: Pi05(config, key=k))(jax.random.key(0))
+    rows = []
+    for batch in (1, 8):
+        noise = jnp.asarray(np.random.default_rng(1).normal(size=(batch, config.action_horizon, 32)), jnp.float32)
+        for variant, masks in MASKS.items():
+            full = tiny_batch(config, batch, masks)
+            res = {}
+            for mode, b in (("masked", full), ("compacted", compact(full))):
+                obs = Observation.from_batch(b)
+                res[mode] = median_ms(sample_actions, (model, obs, noise), runs)
+                res[mode + "_out"] = np.asarray(sample_actions(model, obs, noise))
+            rows.append(
+                dict(
+                    variant=variant, batch=batch, masked_ms=res["masked"], compacted_ms=res["compacted"],
+                    speedup=res["masked"] / res["compacted"], max_abs_diff=float(np.max(np.abs(res["masked_out"] - res["compacted_out"]))),
+                )
+            )
+            r = rows[-1]
+            print(f"  tiny sample_actions  {variant:10s} b={batch}  masked {r['masked_ms']:8.1f} ms  compacted {r['compacted_ms']:8.1f} ms  "
+                  f"×{r['speedup']:.2f}  max|Δ| {r['max_abs_diff']:.1e}")
+    return rows
+
+
+def full_rows() -> list[dict]:
+    config = dataclasses.replace(pi05_full(), remat=False)
+    noise = jax.ShapeDtypeStruct((1, config.action_horizon, 32), jnp.float32)
+
+    def fn(model, fields, noise):
+        return sample_actions(model, Observation(**fields), noise)
+
+    rows = []
+    for name, cams in CAMERA_SETS.items():
+        fields = abstract_batch(config, 1, cams)
+        flops = corrected_flops(fn, config, fields, noise)
+        mem = memory(compile_abstract(fn, config, fields, noise))
+        rows.append(dict(name=name, cameras=list(cams), tflops=flops["flops"] / 1e12, **mem))
+        print(f"  full sample_actions b=1  {name:22s} {rows[-1]['tflops']:6.2f} TFLOP  temp {mem['temp_gib']:.2f} GiB  peak {mem['peak_gib']:.2f} GiB")
+    by = {r["name"]: r for r in rows}
+    for v in ("both-cam", "wrist-only"):
+        ratio = by[f"{v} compacted"]["tflops"] / by[f"{v} masked"]["tflops"]
+        print(f"  {v}: compacted/masked FLOPs = {ratio:.3f}")
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--skip-full", action="store_true")
+    args = p.parse_args()
+    print("(a) tiny config, wall time, median of", args.runs)
+    tiny = tiny_rows(args.runs)
+    full = [] if args.skip_full else (print("(b) full size, XLA analysis of the lowered program (no allocation)"), full_rows())[1]
+    print("wrote", write("inference", dict(tiny=tiny, full=full, reference_tflops_sample_actions_b1=4.75)))
+
+
+if __name__ == "__main__":
+    main()
