@@ -106,8 +106,9 @@ def main(
         stages = stage_times(cfg, stage_samples)
 
     total = sum(stages.values())
+    load = os.getloadavg()[0]  # other work on the machine shares the cores: read the figures with it
     print(f"dataset: {root} ({info.get('source', 'LeRobot ' + info['codebase_version'])}), {len(source)} frames, "
-          f"agentview PNG {png_kb:.0f} KB on average; batch {batch_size}, {os.cpu_count()} CPU cores")
+          f"agentview PNG {png_kb:.0f} KB on average; batch {batch_size}, {os.cpu_count()} CPU cores, load average {load:.1f}")
     print(f"\n{'workers':>8} {'samples/s':>10} {'startup s':>10}")
     for run in runs:
         print(f"{run['workers']:>8} {run['samples_per_s']:>10.0f} {run['startup_s']:>10.1f}")
@@ -116,7 +117,7 @@ def main(
     for stage, ms in stages.items():
         print(f"  {stage:<16} {ms:6.3f} ms  {100 * ms / total:5.1f} %")
     result = {
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "grain": grain.__version__},
+        "machine": {"cpu_count": os.cpu_count(), "load_average_1min": load, "python": platform.python_version(), "grain": grain.__version__},
         "dataset": {"source": info.get("source", "LeRobot"), "frames": len(source), "agentview_png_kb": png_kb},
         "batch_size": batch_size,
         "throughput": runs,

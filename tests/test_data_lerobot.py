@@ -121,6 +121,17 @@ def test_v21_and_v30_layouts_read_the_same_as_v20(tmp_path, version):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{version} frame {i} {key}")
 
 
+def test_row_group_cache_stays_within_its_budget_and_reads_stay_right(tmp_path, monkeypatch):
+    root = write_dataset(tmp_path / "ds", _episodes(), TASKS, version="v3.0", row_group_size=3)
+    expected = [LeRobotSource(root, H)[i]["observation/image"] for i in range(20)]
+    monkeypatch.setattr("eqx_pi05.data.lerobot.ROW_GROUP_CACHE_BYTES", 2000)  # about two groups of 16x16 PNGs
+    source = LeRobotSource(root, H)
+    for i in np.random.default_rng(0).permutation(20).tolist() * 2:
+        np.testing.assert_array_equal(source[i]["observation/image"], expected[i])
+        assert 1 <= len(source._groups) <= 3 and source._cache_bytes <= 2000 + max(
+            sum(a.nbytes for a in g[1].values()) for g in source._groups.values())
+
+
 def test_source_pickles_for_worker_processes(small):
     source = LeRobotSource(small, action_horizon=H)
     source[3]  # fills the per-process cache, which must not travel

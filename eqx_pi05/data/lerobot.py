@@ -36,7 +36,7 @@ SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 IMAGE_FEATURES = {"observation/image": "image", "observation/wrist_image": "wrist_image"}
 VECTOR_FEATURES = {"observation/state": "state", "actions": "actions"}
 INDEX_COLUMNS = ("episode_index", "frame_index", "task_index")
-ROW_GROUP_CACHE = 8  # decoded-later image bytes of this many row groups are kept per process
+ROW_GROUP_CACHE_BYTES = 256 << 20  # per process: encoded images of recently read row groups
 
 
 class LeRobotSource:
@@ -77,8 +77,7 @@ class LeRobotSource:
             if not path.is_file():
                 raise FileNotFoundError(f"{self.root}: data file {path} listed by the metadata is missing")
         self._read_columns()
-        self._cache: collections.OrderedDict | None = None
-        self._lock: threading.Lock | None = None
+        self._lock: threading.Lock | None = None  # the per-process cache is built on first read
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -212,35 +211,32 @@ class LeRobotSource:
         """(first row, {feature: arrow array of bytes}) of the row group holding `row`, cached per process.
 
         Under a global shuffle of a large dataset most reads miss the cache: one sample then costs one
-        row-group read (LeRobot/HF write 100 frames per group, ~13 MB of PNG for LIBERO).
-
-        The lock guards the cache only; reading runs outside it so that threads overlap their I/O.
+        row-group read (LeRobot/HF write 100 frames per group, ~13 MB of PNG for LIBERO). Files are
+        opened per read, so a process never holds thousands of descriptors. The lock guards the
+        cache only; reading runs outside it so that threads overlap their I/O.
         """
-        if self._cache is None:
-            self._cache, self._lock = collections.OrderedDict(), threading.Lock()
+        if self._lock is None:
+            self._lock, self._offsets, self._groups, self._cache_bytes = threading.Lock(), {}, collections.OrderedDict(), 0
+        path = self.files[file_id]
+        offsets = self._offsets.get(file_id)
+        if offsets is None:
+            metadata = pq.read_metadata(path)
+            offsets = np.cumsum([0] + [metadata.row_group(k).num_rows for k in range(metadata.num_row_groups)])
+            self._offsets[file_id] = offsets
+        key = (file_id, int(np.searchsorted(offsets, row, side="right") - 1))
         with self._lock:
-            handle = self._cache.get(("file", file_id))
-        if handle is None:
-            parquet = pq.ParquetFile(self.files[file_id], memory_map=True)
-            offsets = np.cumsum([0] + [parquet.metadata.row_group(k).num_rows for k in range(parquet.num_row_groups)])
-            handle = (parquet, offsets)
-            with self._lock:
-                self._cache[("file", file_id)] = handle
-        parquet, offsets = handle
-        group = int(np.searchsorted(offsets, row, side="right") - 1)
-        key = (file_id, group)
+            if key in self._groups:
+                self._groups.move_to_end(key)
+                return self._groups[key]
+        with pq.ParquetFile(path, memory_map=True) as parquet:
+            table = parquet.read_row_group(key[1], columns=self._parquet_image_features())
+        hit = (int(offsets[key[1]]), {f: _image_column(table.column(f), f"{path}: column {f}") for f in table.column_names})
         with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        table = parquet.read_row_group(group, columns=self._parquet_image_features())
-        hit = (int(offsets[group]), {f: _image_column(table.column(f), f"{self.files[file_id]}: column {f}") for f in table.column_names})
-        with self._lock:
-            self._cache[key] = hit
-            groups = [k for k in self._cache if k[0] != "file"]
-            for old in groups[: max(0, len(groups) - ROW_GROUP_CACHE)]:
-                del self._cache[old]
+            if key not in self._groups:  # another thread may have read it meanwhile
+                self._groups[key] = hit
+                self._cache_bytes += _nbytes(hit)
+            while self._cache_bytes > ROW_GROUP_CACHE_BYTES and len(self._groups) > 1:
+                self._cache_bytes -= _nbytes(self._groups.popitem(last=False)[1])
         return hit
 
     def _video_frame(self, i: int, feature: str) -> np.ndarray:
@@ -260,7 +256,7 @@ class LeRobotSource:
             raise ValueError(f"{self.where(i)}: {feature}: {err}") from None
 
     def __getstate__(self):  # worker processes rebuild caches and file handles themselves
-        return {**self.__dict__, "_cache": None, "_lock": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_offsets", "_groups", "_cache_bytes")} | {"_lock": None}
 
     def __repr__(self) -> str:
         return f"LeRobotSource({str(self.root)!r}, {self.version}, {len(self)} frames, {self.num_episodes} episodes)"
@@ -362,6 +358,10 @@ def _image_column(column: pa.ChunkedArray, where: str) -> pa.Array:
     if not (pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type)):
         raise ValueError(f"{where}: expected encoded image bytes, got type {array.type}")
     return array
+
+
+def _nbytes(cached_group: tuple[int, dict]) -> int:
+    return sum(array.nbytes for array in cached_group[1].values())
 
 
 def _hwc(feature: dict) -> tuple[int, int, int] | None:
