@@ -11,7 +11,9 @@ batch, whatever the process count. Each sample is transformed with its stream po
 `index` of the view draws, so those do not depend on worker count, batch size or host count either.
 Batches are formed before the worker split (`MapDataset.batch`), so worker processes only decide
 who computes a batch, never what it holds. `iter(...)` returns a grain `DatasetIterator` whose
-`get_state()` / `set_state()` resume exactly where a run stopped.
+`get_state()` / `set_state()` resume exactly where a run stopped (the state is JSON-able). Close
+the iterator (`it.close()`), or let it go out of scope, before the interpreter exits: grain's
+worker iterators print errors when they are only finalized at shutdown.
 """
 
 from __future__ import annotations
