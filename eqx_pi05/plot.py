@@ -120,11 +120,11 @@ def plot_runs(
 
 @dataclasses.dataclass(frozen=True)
 class Args:
-    # Run directories (each holding metrics.jsonl), or metrics.jsonl files.
     runs: Annotated[tuple[pathlib.Path, ...], tyro.conf.Positional]
+    """Run directories (each holding metrics.jsonl), or metrics.jsonl files."""
     out: pathlib.Path = pathlib.Path("loss_curves.png")
-    # Exponential moving average of the losses (0: raw); p(step) is always drawn raw.
     smooth: float = 0.0
+    """Exponential moving average factor for the losses (0: raw); p(step) is always drawn raw."""
 
 
 def main(args: Args) -> pathlib.Path:

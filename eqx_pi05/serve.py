@@ -83,6 +83,10 @@ def unpackb(data: bytes) -> Any:
     return msgpack.unpackb(data, object_hook=_unpack_array)
 
 
+def _describe(x: object) -> str:
+    return f"{x.dtype} array {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+
+
 def check_request(obs: object, state_dim: int = LIBERO_STATE_DIM) -> dict:
     """The request if it is a well-formed LIBERO observation; BadRequest saying what is wrong otherwise."""
     if not isinstance(obs, dict):
@@ -92,13 +96,11 @@ def check_request(obs: object, state_dim: int = LIBERO_STATE_DIM) -> dict:
         raise BadRequest(f"request: missing key(s) {missing}; it has {sorted(map(str, obs))}")
     for key in IMAGE_KEYS:
         image = obs[key]
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
-            found = f"{image.dtype} array {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise BadRequest(f"request {key!r}: expected a uint8 (h, w, 3) image, got {found}")
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3 and image.size):
+            raise BadRequest(f"request {key!r}: expected a uint8 (h, w, 3) image, got {_describe(image)}")
     state = obs[STATE_KEY]
-    if not isinstance(state, np.ndarray) or state.dtype.kind not in "fiu" or state.shape != (state_dim,):
-        found = f"{state.dtype} array {state.shape}" if isinstance(state, np.ndarray) else type(state).__name__
-        raise BadRequest(f"request {STATE_KEY!r}: expected a numeric ({state_dim},) array, got {found}")
+    if not (isinstance(state, np.ndarray) and state.dtype.kind in "fiu" and state.shape == (state_dim,)):
+        raise BadRequest(f"request {STATE_KEY!r}: expected a numeric ({state_dim},) array, got {_describe(state)}")
     if not isinstance(obs[PROMPT_KEY], str) or not obs[PROMPT_KEY].strip():
         raise BadRequest(f"request {PROMPT_KEY!r}: expected a non-empty string, got {obs[PROMPT_KEY]!r:.80}")
     if SEED_KEY in obs and not isinstance(obs[SEED_KEY], (int, np.integer)):
@@ -253,13 +255,13 @@ def load(checkpoint: pathlib.Path, params: Literal["ema", "params"] = "ema") -> 
 
 @dataclasses.dataclass(frozen=True)
 class Args:
-    # Checkpoint directory written by train.py (as evaluate.py takes it).
     checkpoint: pathlib.Path
+    """Checkpoint directory written by train.py (as evaluate.py takes it)."""
     port: int = 8000
-    # Loopback by default; give 0.0.0.0 to serve a robot on another machine.
     host: str = "127.0.0.1"
-    # Which weights: the EMA (default, as openpi serves) or the raw params.
+    """Loopback by default; give 0.0.0.0 to serve a robot on another machine."""
     params: Literal["ema", "params"] = "ema"
+    """Which weights: the EMA (default, as openpi serves) or the raw params."""
 
 
 def main(args: Args) -> None:
