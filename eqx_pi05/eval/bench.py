@@ -49,6 +49,42 @@ def time_env(suite: str, steps: int) -> dict:
             "first_step_s": round(first_step, 2), "step_s": round(per_step, 4), "later_reset_s": round(later_reset, 2)}
 
 
+def time_policy(batch_sizes: tuple[int, ...], calls: int = 5) -> dict:
+    """Seconds per call of the model policy (transforms + jitted sampling + unnormalize) on the tiny
+    random model (openpi's `dummy` Gemma, tiny SigLIP at 224 px), warm, per batch size."""
+    import jax  # noqa: PLC0415
+    import equinox as eqx  # noqa: PLC0415
+
+    from eqx_pi05.config import pi05_tiny  # noqa: PLC0415
+    from eqx_pi05.data.norm_stats import NormStats  # noqa: PLC0415
+    from eqx_pi05.data.tokenizer import Tokenizer, train_sentencepiece  # noqa: PLC0415
+    from eqx_pi05.data.transforms import Transforms  # noqa: PLC0415
+    from eqx_pi05.eval.fake_sim import FakeEnv, fake_tasks  # noqa: PLC0415
+    from eqx_pi05.eval.policy import make_policy  # noqa: PLC0415
+    from eqx_pi05.eval.rollout import policy_observation  # noqa: PLC0415
+    from eqx_pi05.model import Pi05  # noqa: PLC0415
+    from eqx_pi05.views import CameraProbs  # noqa: PLC0415
+
+    config = pi05_tiny()
+    model = eqx.filter_jit(lambda key: Pi05(config, key=key))(jax.random.key(0))
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer = Tokenizer(train_sentencepiece([t.language for t in fake_tasks()] * 10, pathlib.Path(d) / "t.model"),
+                              config.max_token_len)
+    stats = {k: NormStats(np.zeros(n), np.ones(n), -np.ones(n), np.ones(n)) for k, n in (("state", 8), ("actions", 7))}
+    transforms = Transforms(stats, tokenizer, False, config.action_horizon, 0, CameraProbs(), 0, CameraProbs(agentview=1.0))
+    task = fake_tasks(1)[0]
+    obs = policy_observation(FakeEnv(task).reset(0), task.language, 0)
+    out = {}
+    for b in batch_sizes:
+        policy = make_policy(model, transforms, stats, batch_size=b)
+        policy([obs] * b)  # compile
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            policy([obs] * b)
+        out[f"tiny_policy_call_s_batch{b}"] = round((time.perf_counter() - t0) / calls, 4)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Args:
     suite: str = "libero_spatial"
@@ -56,10 +92,13 @@ class Args:
     num_envs: tuple[int, ...] = (1, 2)
     max_steps: int = 220
     steps: int = 50  # steps timed in the single-env measurement
+    policy_batch_sizes: tuple[int, ...] = (1, 2)  # tiny-model policy call timing; () to skip
 
 
 def main(args: Args) -> dict:
-    out = {"single_env": time_env(args.suite, args.steps)}
+    out = {"policy": time_policy(args.policy_batch_sizes)} if args.policy_batch_sizes else {}
+    print(json.dumps(out), flush=True)
+    out["single_env"] = time_env(args.suite, args.steps)
     print(json.dumps(out), flush=True)
     info = PolicyInfo("hold_still", "none", "none", "stub")
     for k in args.num_envs:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import os
 from typing import TypedDict
@@ -67,7 +68,8 @@ def _benchmark(suite: str):
     if suite not in SUITES:
         raise ValueError(f"unknown LIBERO suite {suite!r}: expected one of {SUITES}")
     benchmark, _ = _libero()
-    return benchmark.get_benchmark_dict()[suite]()
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its task order on every construction
+        return benchmark.get_benchmark_dict()[suite]()
 
 
 def suite_tasks(suite: str) -> list[Task]:
