@@ -28,8 +28,9 @@ class Args:
     checkpoint: pathlib.Path
     # Episodes in all, spread evenly over the suite's tasks (500 -> 10 tasks x 50 trials).
     n: int = 500
+    # LIBERO task suite.
     suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"] = "libero_spatial"
-    # Default: outputs/eval/<checkpoint dir name>_<suite>.
+    # Default: outputs/eval/<run name>[_step<N>]_<suite>.
     output_dir: pathlib.Path | None = None
     # Simulator worker processes batched into one policy call (1: everything in this process).
     num_envs: int = 1
@@ -39,10 +40,13 @@ class Args:
     videos: int = 4
     # Which weights of the checkpoint: the EMA (default, as openpi evaluates) or the raw params.
     params: Literal["ema", "params"] = "ema"
+    # Env seed (the reference's 7); also part of the output directory's identity for resuming.
     seed: int = 7
 
     def config(self) -> EvalConfig:
-        out = self.output_dir or pathlib.Path("outputs/eval") / f"{self.checkpoint.resolve().name}_{self.suite}"
+        ckpt = self.checkpoint.resolve()  # a run dir, or a step dir <run>/checkpoints/<N>
+        name = f"{ckpt.parent.parent.name}_step{ckpt.name}" if ckpt.name.isdigit() else ckpt.name
+        out = self.output_dir or pathlib.Path("outputs/eval") / f"{name}_{self.suite}"
         return EvalConfig(n=self.n, suite=self.suite, output_dir=out, num_envs=self.num_envs,
                           max_steps=self.max_steps, videos=self.videos, seed=self.seed)
 

@@ -172,6 +172,10 @@ def run_chunks(
                 for i, chunk_actions in zip(ids, actions):
                     conns[i].send(chunk_actions)
                 requests.clear()
+    except BaseException:
+        for proc in procs:  # a failed run (or Ctrl-C) need not wait for the workers' episodes
+            proc.terminate()
+        raise
     finally:
         for conn in conns:
             try:

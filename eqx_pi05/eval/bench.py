@@ -87,12 +87,18 @@ def time_policy(batch_sizes: tuple[int, ...], calls: int = 5) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Args:
+    # LIBERO task suite.
     suite: str = "libero_spatial"
+    # Episodes per throughput run (spread over the suite's tasks).
     episodes: int = 4
+    # Worker counts to compare (1: sequential, in this process).
     num_envs: tuple[int, ...] = (1, 2)
+    # Policy steps per episode (the stub never succeeds, so every episode runs this long).
     max_steps: int = 220
-    steps: int = 50  # steps timed in the single-env measurement
-    policy_batch_sizes: tuple[int, ...] = (1, 2)  # tiny-model policy call timing; () to skip
+    # Steps timed in the single-env measurement.
+    steps: int = 50
+    # Batch sizes for the tiny-model policy call timing; empty to skip.
+    policy_batch_sizes: tuple[int, ...] = (1, 2)
 
 
 def main(args: Args) -> dict:

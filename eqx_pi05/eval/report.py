@@ -64,7 +64,12 @@ def main(
     run_dirs: Annotated[list[pathlib.Path], tyro.conf.Positional],
     output: pathlib.Path = pathlib.Path("results_table"),
 ) -> str:
-    """Write OUTPUT.md and OUTPUT.png from the runs' results.json; print the markdown."""
+    """Write OUTPUT.md and OUTPUT.png from the runs' results.json; print the markdown.
+
+    Args:
+        run_dirs: evaluate.py output directories, one table row each, in this order.
+        output: path stem of the table files (OUTPUT.md, OUTPUT.png).
+    """
     if not run_dirs:
         raise ValueError("report: expected at least one RUN_DIR")
     rows = [load_row(d) for d in run_dirs]
