@@ -146,7 +146,6 @@ class Args:
 
 
 def main(args: Args) -> int:
-    jax.config.update("jax_default_matmul_precision", "highest")
     results = run(args.fixture, args.tol)
     worst = max(r[k] for r in results.values() for k in OUTPUTS if k in r)
     missing = [f"{c}/{k}" for c, r in results.items() for k in OUTPUTS if k not in r]

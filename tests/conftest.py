@@ -49,7 +49,8 @@ def small_config(**overrides):
     from eqx_pi05.config import GEMMA_DUMMY, SiglipConfig, pi05_tiny
 
     kw = dict(
-        action_expert=dataclasses.replace(GEMMA_DUMMY, width=32, mlp_dim=64),
+        paligemma=dataclasses.replace(GEMMA_DUMMY, depth=2),
+        action_expert=dataclasses.replace(GEMMA_DUMMY, depth=2, width=32, mlp_dim=64),
         siglip=SiglipConfig(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=14, image_size=56),
         vocab_size=64,
         max_token_len=8,

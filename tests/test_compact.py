@@ -71,7 +71,8 @@ def test_compacted_kv_cache_holds_exactly_the_valid_prefix_entries(small):
         vf, vs = np.asarray(mask_full[row]), np.asarray(mask_small[row])
         assert vf.sum() == vs.sum()
         for full, small_ in ((k_full, k_small), (v_full, v_small)):
-            np.testing.assert_allclose(np.asarray(full)[:, row, vf], np.asarray(small_)[:, row, vs], rtol=TOL, atol=TOL)
+            # equal up to float reordering through the earlier layers' attention sums
+            np.testing.assert_allclose(np.asarray(full)[:, row, vf], np.asarray(small_)[:, row, vs], rtol=1e-5, atol=2e-6)
 
 
 def test_mixed_batch_is_left_masked():

@@ -171,7 +171,7 @@ def test_lora_at_init_equals_the_base_model_and_filter_selects_only_adapters(sma
     from eqx_pi05.convert import openpi
 
     model, config = small
-    lora_cfg = dataclasses.replace(config, paligemma=GEMMA_DUMMY_LORA, action_expert=dataclasses.replace(config.action_expert, lora=GEMMA_DUMMY_LORA.lora))
+    lora_cfg = dataclasses.replace(config, paligemma=dataclasses.replace(config.paligemma, lora=GEMMA_DUMMY_LORA.lora), action_expert=dataclasses.replace(config.action_expert, lora=GEMMA_DUMMY_LORA.lora))
     lora_model = openpi.from_openpi(openpi.to_openpi(model), lora_cfg, lora_seed=5)
     obs = Observation.from_batch(random_batch(config))
     noise, t = _inputs(config, 2)

@@ -86,7 +86,7 @@ def _write_fixture(dst, model, config, batch):
     return arrays
 
 
-def test_parity_cli_works_on_other_fixture_sizes_and_fails_on_a_wrong_reference(tmp_path):
+def test_parity_cli_works_on_other_fixture_sizes_and_fails_on_a_wrong_reference(tmp_path, capsys):
     """The CLI is generic over the fixture format: other batch, prompt length, horizon, expert widths,
     SigLIP size; and it really compares: a perturbed reference makes it exit non-zero."""
     import jax
@@ -106,5 +106,7 @@ def test_parity_cli_works_on_other_fixture_sizes_and_fails_on_a_wrong_reference(
     shutil.copytree(good, bad)
     arrays["case_i/v_t"] = arrays["case_i/v_t"] * (1 + 1e-4)
     np.savez_compressed(bad / "cases.npz", **arrays)
-    fail = subprocess.run([sys.executable, "-m", "eqx_pi05.parity", str(bad)], capture_output=True, text=True)
-    assert fail.returncode != 0 and "FAIL" in fail.stdout, fail.stdout + fail.stderr
+    from eqx_pi05 import parity
+
+    assert parity.main(parity.Args(fixture=str(bad))) != 0
+    assert "FAIL" in capsys.readouterr().out
