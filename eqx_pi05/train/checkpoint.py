@@ -1,0 +1,103 @@
+"""Checkpoints: orbax CheckpointManager under OUTPUT_DIR/checkpoints/<step>/ with the items
+
+    params   the model (trainable + frozen leaves), an eqx Pi05 tree
+    ema      the EMA of the trainable leaves (absent when ema_decay is None)
+    train    {opt_state, step, rng}
+    data     the Grain iterator state (one file per process)
+    config   the run's TrainConfig as JSON (model, data incl. view_dropout/view_remove, variant)
+
+<step> is the number of completed steps. orbax writes into a temporary directory and renames it
+when complete, so a killed save leaves the previous checkpoint the latest; saves run in the
+background (`async_checkpoint`), and keep the newest `keep_checkpoints`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import equinox as eqx
+import jax
+import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
+
+from eqx_pi05.convert.openpi import abstract_model
+from eqx_pi05.model import Pi05
+from eqx_pi05.train.config import TrainConfig, from_json, to_json
+from eqx_pi05.train.optimizer import trainable_filter
+from eqx_pi05.train.state import TrainState
+
+
+def manager(directory: pathlib.Path, keep: int = 1, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+
+
+def save(mgr: ocp.CheckpointManager, state: TrainState, data_iter, cfg: TrainConfig) -> int:
+    """Save `state` as checkpoint <state.step>; returns that step."""
+    step = int(state.step)
+    items = dict(
+        params=ocp.args.StandardSave(state.model()),
+        train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step, "rng": state.rng}),
+        data=grain_checkpoint.CheckpointSave(data_iter),
+        config=ocp.args.JsonSave(to_json(cfg)),
+    )
+    if state.ema is not None:
+        items["ema"] = ocp.args.StandardSave(state.ema)
+    mgr.save(step, args=ocp.args.Composite(**items))
+    return step
+
+
+def restore(mgr: ocp.CheckpointManager, target: TrainState, data_iter, step: int | None = None) -> TrainState:
+    """The state of checkpoint `step` (default: the latest) laid out like `target` (abstract leaves
+    with shardings); `data_iter` is moved to where that run's iterator was."""
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
+    items = dict(
+        params=ocp.args.StandardRestore(target.model()),
+        train=ocp.args.StandardRestore({"opt_state": target.opt_state, "step": target.step, "rng": target.rng}),
+        data=grain_checkpoint.CheckpointRestore(data_iter),
+    )
+    if target.ema is not None:
+        items["ema"] = ocp.args.StandardRestore(target.ema)
+    out = mgr.restore(step, args=ocp.args.Composite(**items))
+    params, frozen = eqx.partition(out["params"], trainable_filter(out["params"]))
+    train = out["train"]
+    return TrainState(step=train["step"], params=params, frozen=frozen, opt_state=train["opt_state"],
+                      ema=out["ema"] if target.ema is not None else None, rng=train["rng"])
+
+
+def step_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """A checkpoint step directory from a run's output dir, its checkpoints/ dir (latest step) or a step dir."""
+    path = pathlib.Path(path).absolute()
+    if (path / "params").is_dir():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").is_dir()), reverse=True) if root.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no train.py checkpoint at {path}: expected a run directory, its checkpoints/ or a step directory")
+    return root / str(steps[0])
+
+
+def read_config(path: str | pathlib.Path) -> TrainConfig:
+    """The TrainConfig a checkpoint was written with."""
+    directory = step_dir(path)
+    return from_json(ocp.JsonCheckpointHandler().restore(directory / "config"))
+
+
+def load_trained(path: str | pathlib.Path, params: str = "ema") -> tuple[Pi05, TrainConfig]:
+    """(model, run config) of a train.py checkpoint on one device; `params`: "ema" (default, the
+    EMA weights as openpi evaluates; falls back to the raw params when the run kept no EMA) or "params"."""
+    if params not in ("ema", "params"):
+        raise ValueError(f"params: expected 'ema' or 'params', got {params!r}")
+    directory = step_dir(path)
+    cfg = read_config(directory)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    on_device = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)  # noqa: E731
+    template = on_device(abstract_model(cfg.model))
+    with ocp.StandardCheckpointer() as ckptr:
+        model = ckptr.restore(directory / "params", template)
+        if params == "ema" and (directory / "ema").is_dir():
+            trainable, frozen = eqx.partition(model, trainable_filter(model))
+            model = eqx.combine(ckptr.restore(directory / "ema", on_device(trainable)), frozen)
+    return model, cfg

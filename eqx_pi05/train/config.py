@@ -1,0 +1,326 @@
+"""Training configs: every knob of the research report is a field, every experiment a named instance.
+
+`python train.py --variant NAME` picks one of `VARIANTS`; tyro turns the instance into flags, so any
+field can be overridden (`--distill.lam 0.5`, `--data.batch-size 64`). A combination that makes no
+sense raises at construction with a message naming the fields. Research knobs of the distillation
+(λ, anchor_frac, schedule, teacher) have no defaults: a distillation config that leaves one out fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import types
+import typing
+from typing import Literal
+
+from eqx_pi05.config import (
+    GEMMA_2B_LORA,
+    GEMMA_300M_LORA,
+    GEMMA_DUMMY,
+    GEMMA_DUMMY_LORA,
+    SIGLIP_TINY,
+    Pi05Config,
+    pi05_full,
+    pi05_tiny,
+)
+from eqx_pi05.data.config import DataConfig
+from eqx_pi05.distill import curriculum_p
+from eqx_pi05.views import CAMERA_SLOTS, Camera, CameraProbs, ViewDropoutConfig, ViewRemoveConfig
+
+Teacher = Literal["self", "ema", "checkpoint"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LRSchedule:
+    """openpi's CosineDecaySchedule: linear warm-up from peak/(warmup+1) to peak over warmup_steps,
+    then cosine decay to decay_lr at decay_steps (pi05_libero: peak == decay, i.e. constant)."""
+
+    warmup_steps: int
+    peak_lr: float
+    decay_steps: int
+    decay_lr: float
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamW:
+    """openpi's AdamW: global-norm clipping, then AdamW with weight decay on every param."""
+
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 1e-10
+    clip_gradient_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """The report's in-loss mechanism (M3): the student is the model with `camera` removed per
+    sample with probability p(step); the teacher is a both-camera forward with the same noise and time.
+
+        loss = BC(v_student) + lam·mean((v_student − sg(v_teacher))²) + anchor_frac·BC(v_both)
+
+    p(step): `schedule="constant"` uses `p`; `schedule="curriculum"` is
+    0.5·(1 − cos(π·clip(step / (curriculum_frac·N), 0, 1))). Teacher: `self` (the live params,
+    v_teacher = sg of the live both-camera forward, whose un-stopped value is the anchor's),
+    `ema` (the EMA params), `checkpoint` (frozen params read from `teacher_checkpoint`). In the
+    `ema`/`checkpoint` modes the anchor is the live model's both-camera forward (a teacher with frozen
+    params would give the anchor no gradient at all).
+    """
+
+    lam: float | None = None
+    anchor_frac: float | None = None
+    schedule: Literal["constant", "curriculum"] | None = None
+    p: float | None = None  # schedule "constant" only
+    curriculum_frac: float | None = None  # schedule "curriculum" only (the report: 0.75)
+    teacher: Teacher | None = None  # required when lam > 0 or anchor_frac > 0
+    teacher_checkpoint: pathlib.Path | None = None  # teacher "checkpoint" only: an openpi params dir
+    camera: Camera = "agentview"  # the camera the student loses
+
+    def __post_init__(self):
+        for name in ("lam", "anchor_frac", "schedule"):
+            if getattr(self, name) is None:
+                raise ValueError(f"distill.{name}: required for a distillation config, got None (no silent default; "
+                                 "lam=0 and anchor_frac=0 give the in-loss removal without a teacher)")
+        if self.lam < 0 or self.anchor_frac < 0:
+            raise ValueError(f"distill.lam and distill.anchor_frac: expected >= 0, got {self.lam} and {self.anchor_frac}")
+        if self.schedule == "constant":
+            if self.p is None or not 0.0 <= self.p <= 1.0:
+                raise ValueError(f"distill.p: schedule 'constant' needs a probability in [0, 1], got {self.p}")
+            if self.curriculum_frac is not None:
+                raise ValueError(f"distill.curriculum_frac={self.curriculum_frac} with distill.schedule='constant': "
+                                 "the curriculum fraction is only read by schedule 'curriculum'; set one")
+        else:
+            if self.curriculum_frac is None or not 0.0 < self.curriculum_frac <= 1.0:
+                raise ValueError(f"distill.curriculum_frac: schedule 'curriculum' needs a value in (0, 1], got {self.curriculum_frac}")
+            if self.p is not None:
+                raise ValueError(f"distill.p={self.p} with distill.schedule='curriculum': p(step) comes from "
+                                 "distill.curriculum_frac; set distill.p only with schedule 'constant'")
+        if self.uses_teacher and self.teacher is None:
+            raise ValueError(f"distill.teacher: required when distill.lam ({self.lam}) or distill.anchor_frac "
+                             f"({self.anchor_frac}) > 0; expected one of self, ema, checkpoint")
+        if not self.uses_teacher and self.teacher is not None:
+            raise ValueError(f"distill.teacher={self.teacher!r} with distill.lam=0 and distill.anchor_frac=0: "
+                             "no term reads the teacher; set distill.teacher to None")
+        if (self.teacher == "checkpoint") != (self.teacher_checkpoint is not None):
+            raise ValueError(f"distill.teacher={self.teacher!r} and distill.teacher_checkpoint={self.teacher_checkpoint}: "
+                             "a checkpoint teacher needs a path, and a path needs teacher 'checkpoint'")
+
+    def p_at(self, step: int, num_steps: int) -> float:
+        """Probability that a sample's student loses its camera at `step` (0-based) of `num_steps`."""
+        return self.p if self.schedule == "constant" else curriculum_p(step, num_steps, self.curriculum_frac)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.lam > 0 or self.anchor_frac > 0
+
+    @property
+    def slot(self) -> str:
+        return CAMERA_SLOTS[self.camera]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    model: Pi05Config
+    data: DataConfig
+    lr: LRSchedule
+    ema_decay: float | None  # EMA of the params kept in the train state; None: none (openpi's LoRA configs)
+    num_train_steps: int
+    optimizer: AdamW = AdamW()
+    distill: DistillConfig | None = None  # in-loss camera removal and distillation (B3-B5)
+    seed: int = 42  # model init and the per-step RNG (data shuffling: data.seed)
+    weights: pathlib.Path | None = None  # openpi params checkpoint to start from; None: random init
+    augment: bool = True  # openpi's train-time image augmentation (eqx_pi05.augment)
+    output_dir: pathlib.Path | None = None  # checkpoints/, metrics.jsonl, config.json; default outputs/<name>
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    overwrite: bool = False  # delete output_dir's checkpoints and start over
+    log_interval: int = 100  # steps between metrics lines (and NaN checks)
+    save_interval: int = 1000  # steps between checkpoints (the last step is always saved)
+    keep_checkpoints: int = 1  # checkpoints kept, newest first
+    async_checkpoint: bool = True  # write checkpoints in the background
+    xla_fast_compile: bool = False  # XLA backend optimisations off: ~2x faster compiles, ~2x slower steps (tests)
+    fsdp_devices: int = 1  # mesh ("data", "fsdp"): params, EMA and optimizer state sharded over fsdp
+    fsdp_min_bytes: int = 4 * 2**20  # arrays smaller than this stay replicated (openpi: 4 MiB)
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb)
+    wandb_project: str = "eqx-pi05"  # W&B project
+    wandb_offline: bool = False  # W&B offline mode: write locally, sync later, no network
+    coordinator_address: str | None = None  # multi-host: jax.distributed coordinator host:port
+    num_processes: int = 1  # multi-host: number of processes
+    process_id: int = 0  # multi-host: this process
+
+    def __post_init__(self):
+        d = self.distill
+        if d is not None:
+            for mech, probs in (("view_dropout", self.data.view_dropout.train), ("view_remove", self.data.view_remove.train)):
+                if getattr(probs, d.camera) > 0:
+                    raise ValueError(
+                        f"data.{mech}.train.{d.camera}={getattr(probs, d.camera)} with distill.camera={d.camera!r}: the "
+                        "distillation removes the student's camera in the loss and needs it intact in the batch "
+                        f"(the teacher sees it); set data.{mech}.train.{d.camera}=0"
+                    )
+            if d.teacher == "ema" and self.ema_decay is None:
+                raise ValueError("distill.teacher='ema' with ema_decay=None: the EMA teacher needs an EMA; set ema_decay")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay: expected None or a value in [0, 1), got {self.ema_decay}")
+        for a, b in (("max_token_len", "max_token_len"), ("action_horizon", "action_horizon")):
+            if getattr(self.data, a) != getattr(self.model, b):
+                raise ValueError(f"data.{a}={getattr(self.data, a)} differs from model.{b}={getattr(self.model, b)}")
+        for name in ("num_train_steps", "log_interval", "save_interval", "keep_checkpoints", "fsdp_devices", "num_processes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.lr.warmup_steps < 0 or self.lr.decay_steps <= self.lr.warmup_steps:
+            raise ValueError(f"lr: expected 0 <= warmup_steps < decay_steps, got {self.lr}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True and overwrite=True: continue the run or delete it, not both")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process_id {self.process_id}: expected 0 <= process_id < num_processes={self.num_processes}")
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return self.output_dir if self.output_dir is not None else pathlib.Path("outputs") / self.name
+
+    @property
+    def is_lora(self) -> bool:
+        return self.model.paligemma.lora is not None or self.model.action_expert.lora is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The variants (research report §04 and the results table). pi05_libero is openpi's recipe with the
+# report's single-GPU batch of 32; everything else is a change of one block.
+
+LIBERO_DATA = DataConfig(
+    dataset=pathlib.Path("data/physical-intelligence/libero"),
+    tokenizer=pathlib.Path("assets/paligemma_tokenizer.model"),
+    norm_stats=pathlib.Path("assets/pi05_libero/norm_stats.json"),
+    action_horizon=10,
+    max_token_len=200,
+    batch_size=32,
+    seed=42,
+)
+AGENTVIEW = CameraProbs(agentview=1.0)
+EVAL_WRIST_ONLY = ViewRemoveConfig(seed=42, eval=AGENTVIEW)  # students of B3-B5 are served wrist-only
+
+PI05_LIBERO = TrainConfig(
+    name="pi05_libero",
+    model=pi05_full(action_horizon=10),
+    data=LIBERO_DATA,
+    lr=LRSchedule(warmup_steps=10_000, peak_lr=5e-5, decay_steps=1_000_000, decay_lr=5e-5),
+    ema_decay=0.999,
+    num_train_steps=30_000,
+    weights=pathlib.Path("checkpoints/pi05_base/params"),
+)
+
+
+def _variant(name: str, **changes) -> TrainConfig:
+    return dataclasses.replace(PI05_LIBERO, name=name, **changes)
+
+
+def _data(**changes) -> DataConfig:
+    return dataclasses.replace(LIBERO_DATA, **changes)
+
+
+_LORA_MODEL = pi05_full(action_horizon=10, paligemma=GEMMA_2B_LORA, action_expert=GEMMA_300M_LORA)
+
+VARIANTS: dict[str, TrainConfig] = {
+    c.name: c
+    for c in (
+        PI05_LIBERO,
+        # B1: agentview pixels zeroed, mask True (train only).
+        _variant("wristonly_zero", data=_data(view_dropout=ViewDropoutConfig(seed=42, train=AGENTVIEW))),
+        # B2: agentview mask False at train and eval: its tokens leave the sequence.
+        _variant("wristonly_physdrop", data=_data(view_remove=ViewRemoveConfig(seed=42, train=AGENTVIEW, eval=AGENTVIEW))),
+        # B3: curriculum removal in the loss, no teacher terms.
+        _variant("curriculum_only", data=_data(view_remove=EVAL_WRIST_ONLY),
+                 distill=DistillConfig(lam=0.0, anchor_frac=0.0, schedule="curriculum", curriculum_frac=0.75)),
+        # B4: student always wrist-only, live self-teacher.
+        _variant("selfdistill_only", data=_data(view_remove=EVAL_WRIST_ONLY),
+                 distill=DistillConfig(lam=1.0, anchor_frac=0.15, schedule="constant", p=1.0, teacher="self")),
+        # B5: the report's full method.
+        _variant("curric_selfdistill", data=_data(view_remove=EVAL_WRIST_ONLY),
+                 distill=DistillConfig(lam=1.0, anchor_frac=0.15, schedule="curriculum", curriculum_frac=0.75, teacher="self")),
+        # LoRA reference rows (issue #5): both experts LoRA, EMA off (openpi's LoRA configs).
+        _variant("lora_wristonly_zero_p05", model=_LORA_MODEL, ema_decay=None,
+                 data=_data(view_dropout=ViewDropoutConfig(seed=42, train=CameraProbs(agentview=0.5)))),
+        _variant("lora_wristonly_zero_p1", model=_LORA_MODEL, ema_decay=None,
+                 data=_data(view_dropout=ViewDropoutConfig(seed=42, train=AGENTVIEW))),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# --preset demo: the same variant on the tiny model and the synthetic demo dataset, CPU-sized.
+
+# The tiny model with 56-pixel patches: 16 tokens per camera instead of 256 (a ~30x cheaper CPU step).
+DEMO_SIGLIP = dataclasses.replace(SIGLIP_TINY, patch_size=56)
+
+
+def demo_model(model: Pi05Config) -> Pi05Config:
+    """The tiny model with the LoRA layout of `model` (each expert LoRA iff it is in `model`)."""
+    pick = lambda g: GEMMA_DUMMY_LORA if g.lora else GEMMA_DUMMY  # noqa: E731
+    return pi05_tiny(paligemma=pick(model.paligemma), action_expert=pick(model.action_expert), siglip=DEMO_SIGLIP,
+                     action_horizon=model.action_horizon)
+
+
+def demo(cfg: TrainConfig, data_dir: pathlib.Path) -> TrainConfig:
+    """`cfg` on the tiny model (random init) and the demo dataset in `data_dir`, sized to train in a
+    minute or two on a laptop CPU: batch 8, 100 steps, a short warm-up to a higher peak LR, EMA 0.95
+    (0.999 would average over ten times the run)."""
+    model = demo_model(cfg.model)
+    data = dataclasses.replace(
+        cfg.data,
+        dataset=data_dir,
+        tokenizer=data_dir / "tokenizer.model",
+        norm_stats=data_dir / "norm_stats.json",
+        max_token_len=model.max_token_len,
+        batch_size=8,
+        num_workers=0,
+    )
+    return dataclasses.replace(
+        cfg,
+        model=model,
+        data=data,
+        lr=LRSchedule(warmup_steps=10, peak_lr=1e-3, decay_steps=100, decay_lr=1e-4),
+        ema_decay=None if cfg.ema_decay is None else 0.95,
+        num_train_steps=100,
+        weights=None,
+        output_dir=pathlib.Path("outputs") / f"{cfg.name}_demo",
+        log_interval=10,
+        save_interval=50,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON round trip (the checkpoint stores the run's config; evaluate.py rebuilds it).
+
+
+def to_json(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def from_json(data: dict, cls: type = TrainConfig):
+    """Inverse of `to_json` for any of our frozen dataclasses (nested, Optional, Path, tuples)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _value(hints[f.name], data[f.name], f"{cls.__name__}.{f.name}")
+    return cls(**kwargs)
+
+
+def _value(tp, value, where: str):
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _value(next(a for a in args if a is not type(None)), value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_json(value, tp)
+    if tp is pathlib.Path:
+        return pathlib.Path(value)
+    if origin is tuple:
+        return tuple(value)
+    if origin is Literal or tp in (int, float, str, bool):
+        return value
+    raise TypeError(f"config JSON {where}: cannot rebuild a value of type {tp}")

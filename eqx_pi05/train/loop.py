@@ -1,0 +1,154 @@
+"""The training loop: build or restore the state, then step, log, check, save."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from eqx_pi05.compact import drop_cameras, removable_cameras
+from eqx_pi05.config import IMAGE_KEYS
+from eqx_pi05.convert.openpi import load_checkpoint
+from eqx_pi05.data.pipeline import make_data_loader
+from eqx_pi05.model import Pi05
+from eqx_pi05.train import checkpoint
+from eqx_pi05.train.config import TrainConfig, to_json
+from eqx_pi05.train.metrics import MetricsLog
+from eqx_pi05.train.optimizer import make_optimizer
+from eqx_pi05.train.sharding import fsdp_shardings, global_batch, initialize, make_mesh
+from eqx_pi05.train.state import TrainState, init_state
+from eqx_pi05.train.step import FAST_COMPILE, StepConfig, abstract, make_train_step
+from eqx_pi05.views import CAMERA_SLOTS
+
+
+def ensure_demo_dataset(directory: pathlib.Path) -> pathlib.Path:
+    """Write the synthetic demo dataset (eqx_pi05.data.make_demo_dataset) unless it is there; built
+    beside the target and renamed into place, so concurrent processes never see half of one."""
+    directory = pathlib.Path(directory)
+    if not (directory / "norm_stats.json").exists():
+        from eqx_pi05.data.make_demo_dataset import make_demo_dataset  # noqa: PLC0415
+
+        tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+        make_demo_dataset(tmp)
+        try:
+            tmp.rename(directory)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def initial_state(cfg: TrainConfig, optimizer, shardings) -> TrainState:
+    """The state at step 0, laid out by `shardings`: params from an openpi params checkpoint (LoRA
+    adapters it lacks initialised), or a random init computed directly into its shards."""
+    new_state = lambda model: init_state(model, optimizer, ema=cfg.ema_decay is not None, seed=cfg.seed)  # noqa: E731
+    jit = lambda f: jax.jit(f, out_shardings=shardings, compiler_options=FAST_COMPILE)  # run once: compile fast  # noqa: E731
+    if cfg.weights is None:
+        return jit(lambda: new_state(Pi05(cfg.model, key=jax.random.key(cfg.seed))))()
+    if not pathlib.Path(cfg.weights).is_dir():
+        raise FileNotFoundError(f"weights: no openpi params checkpoint at {cfg.weights} (use --weights PATH, or --preset demo)")
+    return jit(new_state)(load_checkpoint(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None))
+
+
+def load_teacher(cfg: TrainConfig) -> Pi05 | None:
+    """Mode `checkpoint`: a train.py checkpoint (its EMA params) or an openpi params dir (read with the
+    student's model config), cast to its compute dtype; it never trains."""
+    d = cfg.distill
+    if d is None or d.teacher != "checkpoint":
+        return None
+    try:
+        teacher, _ = checkpoint.load_trained(d.teacher_checkpoint)
+    except FileNotFoundError:
+        teacher = load_checkpoint(d.teacher_checkpoint, cfg.model)
+    return jax.tree.map(lambda x: x.astype(teacher.config.dtype), teacher)
+
+
+def _check_inputs(cfg: TrainConfig, devices: int) -> None:
+    for name in ("dataset", "tokenizer", "norm_stats"):
+        if not pathlib.Path(getattr(cfg.data, name)).exists():
+            raise FileNotFoundError(f"data.{name}: {getattr(cfg.data, name)} does not exist (see --data.{name.replace('_', '-')}, or --preset demo)")
+    if cfg.data.batch_size % devices:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {devices} devices of the mesh")
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run (or resume) `cfg`; returns the logged metrics records (also in OUTPUT_DIR/metrics.jsonl)."""
+    initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    mesh, out, main = make_mesh(cfg.fsdp_devices), cfg.run_dir, jax.process_index() == 0
+    _check_inputs(cfg, mesh.size)
+    if cfg.overwrite and main:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if cfg.overwrite and jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("overwrite")
+    mgr = checkpoint.manager(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoint)
+    if mgr.latest_step() is not None and not cfg.resume:
+        raise FileExistsError(f"{out} holds checkpoints (latest step {mgr.latest_step()}): pass --resume to continue, "
+                              "--overwrite to start over, or another --output-dir")
+    optimizer = make_optimizer(cfg.lr, cfg.optimizer)
+    shapes = jax.eval_shape(lambda: init_state(Pi05(cfg.model, key=jax.random.key(0)), optimizer,
+                                               ema=cfg.ema_decay is not None, seed=cfg.seed))
+    shardings = fsdp_shardings(shapes, mesh, cfg.fsdp_min_bytes)
+    data_iter = iter(make_data_loader(cfg.data))
+    if cfg.resume and mgr.latest_step() is not None:
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+        state = checkpoint.restore(mgr, target, data_iter)
+    else:
+        state = initial_state(cfg, optimizer, shardings)
+    teacher = load_teacher(cfg)
+    if teacher is not None:
+        teacher = jax.device_put(teacher, fsdp_shardings(teacher, mesh, cfg.fsdp_min_bytes))
+    step_fn = make_train_step(StepConfig.of(cfg), mesh, abstract(shapes), cfg.fsdp_min_bytes, abstract(teacher))
+    # Slots no row may attend to, decided from the config (not per batch: a chance all-False batch
+    # would retrace, and processes must agree): the padding slot and cameras view_remove always drops.
+    always_removed = [IMAGE_KEYS[2]] + [CAMERA_SLOTS[c] for c, p in cfg.data.view_remove.train.active().items() if p >= 1.0]
+    start, n = int(state.step), cfg.num_train_steps
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_json(cfg), indent=1))
+    suffix = "" if main else f".process{jax.process_index()}"
+    log = MetricsLog(out / f"metrics{suffix}.jsonl", fresh=start == 0, wandb_run=_wandb_run(cfg) if cfg.wandb and main else None)
+    records, pending, t0 = [], [], time.perf_counter()
+    bar = tqdm(range(start, n), initial=start, total=n, disable=not main, desc=cfg.name)
+    for step in bar:
+        batch = next(data_iter)
+        missing = set(always_removed) - set(removable_cameras(batch["image_mask"]))
+        if missing:
+            raise ValueError(f"step {step}: slots {sorted(missing)} should be masked in every row by the config, but are not")
+        p = 0.0 if cfg.distill is None else cfg.distill.p_at(step, n)
+        batch = global_batch(drop_cameras(batch, always_removed), mesh)
+        state, metrics = step_fn(state, batch, np.float32(p), teacher, cfg.distill is not None and p >= 1.0)
+        pending.append(metrics)
+        done = step + 1
+        if done % cfg.log_interval and done % cfg.save_interval and done != n:
+            continue
+        values = jax.device_get(pending)  # the only host sync: NaN check over every step since the last one
+        for i, m in enumerate(values):
+            if not np.isfinite(m["loss"]):
+                mgr.wait_until_finished()
+                raise FloatingPointError(f"loss is {m['loss']} at step {done - len(values) + i}: stopped; the last good "
+                                         f"checkpoint is step {mgr.latest_step()} in {mgr.directory}")
+        now = time.perf_counter()
+        record = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
+        record.update(p=float(values[-1]["p"]), lr=float(values[-1]["lr"]),
+                      samples_per_s=len(values) * cfg.data.batch_size / (now - t0))
+        records.append({"step": step, **record})
+        log.write(step, record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", p=f"{record['p']:.2f}")
+        pending, t0 = [], now
+        if done % cfg.save_interval == 0 or done == n:
+            checkpoint.save(mgr, state, data_iter, cfg)
+    mgr.wait_until_finished()
+    log.close()
+    return records
+
+
+def _wandb_run(cfg: TrainConfig) -> dict:
+    return dict(project=cfg.wandb_project, name=cfg.name, config=to_json(cfg), dir=str(cfg.run_dir),
+                mode="offline" if cfg.wandb_offline else "online", resume="allow")

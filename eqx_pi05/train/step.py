@@ -1,0 +1,147 @@
+"""One training step: augment, sample noise and time, student/teacher loss, clip + AdamW, EMA.
+
+The step is one `jax.jit` with the train state, the batch and the teacher params sharded at its
+boundary (`eqx_pi05.train.sharding`) and the state donated. What it computes is fixed by a hashable
+`StepConfig` and by `drop_student` (static): p(step) = 1 means the student's camera leaves the
+observation (compacted, its tokens never computed); p < 1 masks it per sample inside the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+from jaxtyping import Array, Float, PyTree
+
+from eqx_pi05.augment import augment
+from eqx_pi05.distill import distill_loss, drop_camera, remove_camera
+from eqx_pi05.model import Observation, Pi05, sample_noise_and_time
+from eqx_pi05.train.config import AdamW, LRSchedule, Teacher, TrainConfig
+from eqx_pi05.train.optimizer import lr_schedule, make_optimizer
+from eqx_pi05.train.sharding import batch_sharding, fsdp_shardings, replicated
+from eqx_pi05.train.state import TrainState, ema_update
+
+# XLA options for programs whose compile time matters more than their run time (init, short CPU runs).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything the compiled step depends on; equal configs share one compiled program."""
+
+    lr: LRSchedule
+    optimizer: AdamW
+    ema_decay: float | None
+    augment: bool
+    lam: float = 0.0
+    anchor_frac: float = 0.0
+    teacher: Teacher | None = None
+    student_slot: str | None = None  # the camera the student loses in the loss (None: no in-loss removal)
+    fast_compile: bool = False  # XLA backend optimisations off (see TrainConfig.xla_fast_compile)
+
+    @staticmethod
+    def of(cfg: TrainConfig) -> StepConfig:
+        base = StepConfig(lr=cfg.lr, optimizer=cfg.optimizer, ema_decay=cfg.ema_decay, augment=cfg.augment,
+                          fast_compile=cfg.xla_fast_compile)
+        d = cfg.distill
+        if d is None:
+            return base
+        return dataclasses.replace(base, lam=d.lam, anchor_frac=d.anchor_frac, teacher=d.teacher, student_slot=d.slot)
+
+
+def loss_and_grads(
+    state: TrainState,
+    batch: dict,
+    p: Float[Array, ""],
+    teacher: Pi05 | None,
+    drop_student: bool,
+    cfg: StepConfig,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]], PyTree]:
+    """(loss, {bc, distill, anchor}, grads w.r.t. `state.params`) of the step's batch.
+
+    `batch`: the pipeline's dict (uint8 images; an absent slot is a removed camera). `p`: probability
+    that a sample's student loses `cfg.student_slot` (`drop_student`: all of them, compacted).
+    `teacher`: the frozen checkpoint teacher (mode `checkpoint`), else None."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_augment, k_noise, k_student = jax.random.split(key, 3)
+    obs = Observation.from_batch(batch)
+    if cfg.augment:
+        obs = augment(k_augment, obs)
+    actions = jnp.asarray(batch["actions"], jnp.float32)
+    noise, t = sample_noise_and_time(k_noise, actions.shape)
+    if cfg.student_slot is None:
+        student = obs
+    elif drop_student:
+        student = drop_camera(obs, cfg.student_slot)
+    else:
+        student = remove_camera(obs, cfg.student_slot, p, k_student)
+    if cfg.teacher == "ema":
+        teacher = state.ema_model()
+    elif cfg.teacher != "checkpoint":
+        teacher = None  # self: the live model's both-camera forward
+
+    def loss_fn(params):
+        model = eqx.combine(params, state.frozen)
+        return distill_loss(model, obs, student, actions, noise, t, lam=cfg.lam, anchor_frac=cfg.anchor_frac, teacher=teacher)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, terms, grads
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    p: Float[Array, ""],
+    teacher: Pi05 | None,
+    drop_student: bool = False,
+    *,
+    cfg: StepConfig,
+) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
+    """`loss_and_grads`, then clip + AdamW on the trainable params and the EMA update."""
+    loss, terms, grads = loss_and_grads(state, batch, p, teacher, drop_student, cfg)
+    updates, opt_state = make_optimizer(cfg.lr, cfg.optimizer).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = TrainState(
+        step=state.step + 1,
+        params=params,
+        frozen=state.frozen,
+        opt_state=opt_state,
+        ema=None if state.ema is None else ema_update(state.ema, params, cfg.ema_decay),
+        rng=state.rng,
+    )
+    metrics = dict(loss=loss, **terms, p=jnp.asarray(p, jnp.float32), grad_norm=optax.global_norm(grads),
+                   lr=jnp.asarray(lr_schedule(cfg.lr)(state.step), jnp.float32))
+    return new, metrics
+
+
+def make_train_step(cfg: StepConfig, mesh: Mesh, abstract_state: TrainState, min_bytes: int, abstract_teacher: Pi05 | None = None):
+    """`train_step` jitted with in/out shardings (state and teacher by the FSDP rule, batch over
+    ("data", "fsdp"), scalars replicated) and the state donated: call it as
+    `step(state, batch, p, teacher, drop_student)`. Equal arguments return the same function,
+    so runs in one process share its compilations."""
+    flat = lambda tree: (jax.tree.structure(tree), tuple(jax.tree.leaves(tree)))  # noqa: E731
+    return _jitted_step(cfg, mesh, min_bytes, *flat(abstract_state), *flat(abstract_teacher))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_step(cfg, mesh, min_bytes, state_def, state_leaves, teacher_def, teacher_leaves):
+    state_sh = fsdp_shardings(jax.tree.unflatten(state_def, state_leaves), mesh, min_bytes)
+    teacher_sh = fsdp_shardings(jax.tree.unflatten(teacher_def, teacher_leaves), mesh, min_bytes)
+    return jax.jit(
+        functools.partial(train_step, cfg=cfg),
+        in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), teacher_sh),
+        out_shardings=(state_sh, replicated(mesh)),
+        static_argnums=4,
+        donate_argnums=0,
+        compiler_options=FAST_COMPILE if cfg.fast_compile else None,
+    )
+
+
+def abstract(tree: PyTree) -> PyTree:
+    """ShapeDtypeStructs without shardings: the key `make_train_step` caches on."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
