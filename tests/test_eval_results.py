@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eqx_pi05.eval import report, results
+from eqx_pi05.eval.audit import RemovalAuditError
 from eqx_pi05.eval.fake_sim import FakeEnv, fake_tasks, homing_policy
 from eqx_pi05.eval.rollout import noise_seed
 from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
@@ -79,6 +80,18 @@ def test_resume_refuses_an_output_dir_of_another_evaluation(tmp_path):
     evaluate(_config(tmp_path, "a"), wrist_only_policy, REMOVE, TASKS, FakeEnv)
     with pytest.raises(ValueError, match="max_steps"):
         evaluate(_config(tmp_path, "a", max_steps=30), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+
+
+def test_failed_removal_audit_stops_the_run_before_any_episode_and_is_logged(tmp_path):
+    def reads_agentview(observations):
+        out = wrist_only_policy(observations)
+        out[:, :, 4] = np.mean([o["observation/image"].mean() for o in observations])
+        return out
+
+    with pytest.raises(RemovalAuditError):
+        evaluate(_config(tmp_path, "leak"), reads_agentview, REMOVE, TASKS, FakeEnv)
+    assert "eval physical view-removal {agentview=1} audit=FAIL" in (tmp_path / "leak" / "eval.log").read_text()
+    assert results.load_episodes(tmp_path / "leak") == []
 
 
 def test_a_last_line_cut_by_a_kill_is_dropped_and_earlier_lines_kept(tmp_path):

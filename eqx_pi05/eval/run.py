@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from eqx_pi05.eval import results, sim
-from eqx_pi05.eval.audit import audit_removal
+from eqx_pi05.eval.audit import RemovalAuditError, audit_removal
 from eqx_pi05.eval.batched import Settings, plan_chunks, run_chunks
 from eqx_pi05.eval.rollout import MAX_STEPS, Env, EpisodeResult, Policy, noise_seed, policy_observation
 
@@ -131,7 +131,11 @@ def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
         first = policy_observation(first_env.reset(0), tasks[0].language, noise_seed(tasks[0].index, 0, 0))
     finally:
         first_env.close()
-    audit_line = audit_removal(policy, first, info.view_remove_eval, info.view_dropout_train)
+    try:
+        audit_line = audit_removal(policy, first, info.view_remove_eval, info.view_dropout_train)
+    except RemovalAuditError as e:
+        log.error("%s", e)  # the evidence stays in eval.log; no episode runs
+        raise
     log.info(audit_line)
 
     counts = results.episodes_per_task(config.n, len(tasks), trials_available)
