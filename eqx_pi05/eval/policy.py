@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqx_pi05.data import norm_stats as norm_stats_io
+from eqx_pi05.compact import compact
 from eqx_pi05.data.norm_stats import NormStats
 from eqx_pi05.data.tokenizer import Tokenizer
 from eqx_pi05.data.transforms import Transforms, libero_outputs, make_transforms, stack
@@ -57,7 +58,9 @@ def make_policy(
         pad = max(0, (batch_size or n) - n)
         batch = stack(samples + samples[-1:] * pad)
         eps = jnp.stack([noise(s) for s in seeds + seeds[-1:] * pad])
-        actions = sample_actions(model, Observation.from_batch(batch), eps, num_steps=num_steps)
+        # Slots no row attends to (the padding slot; agentview under view_remove) are left out: the same
+        # function, without their image tower and tokens.
+        actions = sample_actions(model, Observation.from_batch(compact(batch)), eps, num_steps=num_steps)
         return libero_outputs(np.asarray(actions)[:n], norm_stats)
 
     return policy
