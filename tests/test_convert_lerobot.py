@@ -184,14 +184,14 @@ def test_missing_unknown_and_misshapen_keys_are_each_named(small):
     tensors = {k: np.asarray(v) for k, v in lerobot.to_lerobot(model).items()}
     del tensors["model.time_mlp_in.bias"]
     tensors["model.state_proj.weight"] = np.zeros((32, 32), np.float32)
-    tensors[f"{LLM}.layers.2.self_attn.q_proj.weight"] = np.zeros((64, 64), np.float32)
+    tensors[f"{LLM}.layers.1.self_attn.q_proj.weight"] = np.zeros((64, 64), np.float32)
     with pytest.raises(ValueError) as err:
         lerobot.from_lerobot(tensors, config)
     msg = str(err.value)
     assert "3 LeRobot key problem(s)" in msg
     assert "model.time_mlp_in.bias: missing (expected (32,))" in msg
     assert "model.state_proj.weight: unknown (shape (32, 32))" in msg
-    assert f"{LLM}.layers.2.self_attn.q_proj.weight: expected (128, 64), got (64, 64)" in msg
+    assert f"{LLM}.layers.1.self_attn.q_proj.weight: expected (128, 64), got (64, 64)" in msg
 
 
 def test_openpi_pytorch_names_without_the_model_prefix_load_with_prefix_empty(small):
@@ -233,7 +233,7 @@ def test_bfloat16_weights_widen_exactly(small, tmp_path):
 
 def test_lora_models_refuse_export_and_lora_configs_import_with_fresh_adapters(small):
     model, config = small
-    lora_config = dataclasses.replace(config, paligemma=GEMMA_DUMMY_LORA)
+    lora_config = dataclasses.replace(config, paligemma=dataclasses.replace(config.paligemma, lora=GEMMA_DUMMY_LORA.lora))
     tensors = {k: np.asarray(v) for k, v in lerobot.to_lerobot(model).items()}
     lora_model = lerobot.from_lerobot(tensors, lora_config, lora_seed=0)
     assert not np.asarray(lora_model.llm.layers[0].attn.q_einsum.lora_b).any()  # starts equal to the base
