@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqx_pi05.data import norm_stats as norm_stats_io
 from eqx_pi05.compact import compact
+from eqx_pi05.data import norm_stats as norm_stats_io
 from eqx_pi05.data.norm_stats import NormStats
 from eqx_pi05.data.tokenizer import Tokenizer
 from eqx_pi05.data.transforms import Transforms, libero_outputs, make_transforms, stack
