@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from eqx_pi05.compact import drop_cameras, removable_cameras
@@ -43,16 +45,30 @@ def ensure_demo_dataset(directory: pathlib.Path) -> pathlib.Path:
     return directory
 
 
-def initial_state(cfg: TrainConfig, optimizer, shardings) -> TrainState:
-    """The state at step 0, laid out by `shardings`: params from an openpi params checkpoint (LoRA
+def initial_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
+    """The state at step 0, FSDP-laid-out on `mesh`: params from an openpi params checkpoint (LoRA
     adapters it lacks initialised), or a random init computed directly into its shards."""
-    new_state = lambda model: init_state(model, optimizer, ema=cfg.ema_decay is not None, seed=cfg.seed)  # noqa: E731
-    jit = lambda f: jax.jit(f, out_shardings=shardings, compiler_options=FAST_COMPILE)  # run once: compile fast  # noqa: E731
+    _, init = _state_program(*_state_key(cfg, mesh))
     if cfg.weights is None:
-        return jit(lambda: new_state(Pi05(cfg.model, key=jax.random.key(cfg.seed))))()
+        return init()
     if not pathlib.Path(cfg.weights).is_dir():
         raise FileNotFoundError(f"weights: no openpi params checkpoint at {cfg.weights} (use --weights PATH, or --preset demo)")
-    return jit(new_state)(load_checkpoint(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None))
+    return init(load_checkpoint(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None))
+
+
+def _state_key(cfg: TrainConfig, mesh: Mesh) -> tuple:
+    return cfg.model, cfg.lr, cfg.optimizer, cfg.ema_decay is not None, cfg.seed, mesh, cfg.fsdp_min_bytes, cfg.weights is None
+
+
+@functools.lru_cache(maxsize=8)
+def _state_program(model, lr, opt, ema, seed, mesh, min_bytes, random_init):
+    """(abstract state, jitted init laid out by the FSDP rule); equal arguments share one compilation.
+    The init runs once, so it is compiled for compile time, not speed."""
+    optimizer = make_optimizer(lr, opt)
+    new = lambda m: init_state(m, optimizer, ema=ema, seed=seed)  # noqa: E731
+    shapes = jax.eval_shape(lambda: new(Pi05(model, key=jax.random.key(0))))
+    fn = (lambda: new(Pi05(model, key=jax.random.key(seed)))) if random_init else new
+    return shapes, jax.jit(fn, out_shardings=fsdp_shardings(shapes, mesh, min_bytes), compiler_options=FAST_COMPILE)
 
 
 def load_teacher(cfg: TrainConfig) -> Pi05 | None:
@@ -91,16 +107,14 @@ def train(cfg: TrainConfig) -> list[dict]:
     if mgr.latest_step() is not None and not cfg.resume:
         raise FileExistsError(f"{out} holds checkpoints (latest step {mgr.latest_step()}): pass --resume to continue, "
                               "--overwrite to start over, or another --output-dir")
-    optimizer = make_optimizer(cfg.lr, cfg.optimizer)
-    shapes = jax.eval_shape(lambda: init_state(Pi05(cfg.model, key=jax.random.key(0)), optimizer,
-                                               ema=cfg.ema_decay is not None, seed=cfg.seed))
+    shapes, _ = _state_program(*_state_key(cfg, mesh))
     shardings = fsdp_shardings(shapes, mesh, cfg.fsdp_min_bytes)
     data_iter = iter(make_data_loader(cfg.data))
     if cfg.resume and mgr.latest_step() is not None:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
         state = checkpoint.restore(mgr, target, data_iter)
     else:
-        state = initial_state(cfg, optimizer, shardings)
+        state = initial_state(cfg, mesh)
     teacher = load_teacher(cfg)
     if teacher is not None:
         teacher = jax.device_put(teacher, fsdp_shardings(teacher, mesh, cfg.fsdp_min_bytes))

@@ -1,0 +1,147 @@
+"""Training configs: the variants carry the report's knobs, contradictions fail at construction,
+the curriculum and LR schedule have the report's / openpi's values, the CLI builds the config."""
+
+import dataclasses
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from eqx_pi05.config import GEMMA_2B_LORA, GEMMA_300M_LORA, pi05_full
+from eqx_pi05.convert.openpi import abstract_model, leaf_map
+from eqx_pi05.distill import curriculum_p
+from eqx_pi05.train.config import VARIANTS, DistillConfig, demo, from_json, to_json
+from eqx_pi05.train.optimizer import lr_schedule, trainable_filter
+from eqx_pi05.views import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import train as train_cli  # noqa: E402
+
+B5 = VARIANTS["curric_selfdistill"]
+
+
+def test_variants_carry_the_reports_knobs():
+    v = VARIANTS
+    assert set(v) == {"pi05_libero", "wristonly_zero", "wristonly_physdrop", "curriculum_only", "selfdistill_only",
+                      "curric_selfdistill", "lora_wristonly_zero_p05", "lora_wristonly_zero_p1"}
+    for cfg in v.values():  # the shared recipe (report §03)
+        assert (cfg.lr.warmup_steps, cfg.lr.peak_lr, cfg.lr.decay_lr, cfg.num_train_steps, cfg.seed) == (10_000, 5e-5, 5e-5, 30_000, 42)
+        assert cfg.data.batch_size == 32 and cfg.model.action_horizon == 10
+    assert v["pi05_libero"].distill is None and v["pi05_libero"].ema_decay == 0.999
+    assert v["wristonly_zero"].data.view_dropout.train == CameraProbs(agentview=1.0)
+    assert v["wristonly_physdrop"].data.view_remove.train == v["wristonly_physdrop"].data.view_remove.eval == CameraProbs(agentview=1.0)
+    b3, b4 = v["curriculum_only"].distill, v["selfdistill_only"].distill
+    assert (b3.lam, b3.anchor_frac, b3.schedule, b3.curriculum_frac, b3.teacher) == (0.0, 0.0, "curriculum", 0.75, None)
+    assert (b4.lam, b4.anchor_frac, b4.schedule, b4.p, b4.teacher) == (1.0, 0.15, "constant", 1.0, "self")
+    assert (B5.distill.lam, B5.distill.anchor_frac, B5.distill.schedule, B5.distill.curriculum_frac, B5.distill.teacher) == (
+        1.0, 0.15, "curriculum", 0.75, "self")
+    for name in ("curriculum_only", "selfdistill_only", "curric_selfdistill"):  # students are served wrist-only
+        assert v[name].data.view_remove.eval == CameraProbs(agentview=1.0) and v[name].data.view_remove.train == CameraProbs()
+    for name, p in (("lora_wristonly_zero_p05", 0.5), ("lora_wristonly_zero_p1", 1.0)):
+        assert v[name].is_lora and v[name].ema_decay is None and v[name].data.view_dropout.train.agentview == p
+
+
+@pytest.mark.parametrize(
+    "change, fields",
+    [
+        (dict(data=dataclasses.replace(B5.data, view_remove=ViewRemoveConfig(train=CameraProbs(agentview=0.5)))),
+         ["data.view_remove.train.agentview", "distill.camera"]),
+        (dict(data=dataclasses.replace(B5.data, view_remove=ViewRemoveConfig(), view_dropout=ViewDropoutConfig(train=CameraProbs(agentview=1.0)))),
+         ["data.view_dropout.train.agentview"]),
+        (dict(distill=dataclasses.replace(B5.distill, teacher="ema"), ema_decay=None), ["distill.teacher='ema'", "ema_decay=None"]),
+        (dict(data=dataclasses.replace(B5.data, max_token_len=48)), ["data.max_token_len", "model.max_token_len"]),
+        (dict(resume=True, overwrite=True), ["resume", "overwrite"]),
+    ],
+)
+def test_contradictory_train_configs_fail_naming_the_fields(change, fields):
+    with pytest.raises(ValueError) as e:
+        dataclasses.replace(B5, **change)
+    for field in fields:
+        assert field in str(e.value)
+
+
+def test_view_dropout_and_view_remove_on_one_camera_fail():
+    with pytest.raises(ValueError, match="view_dropout.train.agentview=1.0 and view_remove"):
+        dataclasses.replace(VARIANTS["wristonly_physdrop"].data, view_dropout=ViewDropoutConfig(train=CameraProbs(agentview=1.0)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, fields",
+    [
+        (dict(anchor_frac=0.15, schedule="curriculum", curriculum_frac=0.75, teacher="self"), ["distill.lam"]),
+        (dict(lam=1.0, schedule="curriculum", curriculum_frac=0.75, teacher="self"), ["distill.anchor_frac"]),
+        (dict(lam=1.0, anchor_frac=0.15, curriculum_frac=0.75, teacher="self"), ["distill.schedule"]),
+        (dict(lam=1.0, anchor_frac=0.15, schedule="curriculum", teacher="self"), ["distill.curriculum_frac"]),
+        (dict(lam=1.0, anchor_frac=0.15, schedule="constant", teacher="self"), ["distill.p"]),
+        (dict(lam=1.0, anchor_frac=0.15, schedule="curriculum", curriculum_frac=0.75, p=1.0, teacher="self"), ["distill.p", "curriculum"]),
+        (dict(lam=1.0, anchor_frac=0.15, schedule="constant", p=1.0), ["distill.teacher"]),
+        (dict(lam=0.0, anchor_frac=0.0, schedule="constant", p=1.0, teacher="self"), ["distill.teacher", "distill.lam=0"]),
+        (dict(lam=1.0, anchor_frac=0.15, schedule="constant", p=1.0, teacher="checkpoint"), ["distill.teacher_checkpoint"]),
+        (dict(lam=1.0, anchor_frac=0.15, schedule="constant", p=1.0, teacher="self", teacher_checkpoint=pathlib.Path("x")),
+         ["distill.teacher_checkpoint"]),
+    ],
+)
+def test_distillation_knobs_have_no_silent_defaults(kwargs, fields):
+    with pytest.raises(ValueError) as e:
+        DistillConfig(**kwargs)
+    for field in fields:
+        assert field in str(e.value)
+
+
+def test_curriculum_ramps_from_zero_to_one_over_the_first_75_percent_then_holds():
+    n = 1000
+    assert curriculum_p(0, n, 0.75) == 0.0
+    assert curriculum_p(375, n, 0.75) == pytest.approx(0.5, abs=1e-12)
+    assert curriculum_p(750, n, 0.75) == 1.0 and curriculum_p(999, n, 0.75) == 1.0
+    assert curriculum_p(100, n, 0.75) == pytest.approx(0.5 * (1 - math.cos(math.pi * 100 / 750)), abs=1e-15)
+    ps = [curriculum_p(s, n, 0.75) for s in range(n)]
+    assert all(a <= b for a, b in zip(ps, ps[1:]))
+    assert B5.distill.p_at(0, n) == 0.0 and VARIANTS["selfdistill_only"].distill.p_at(0, n) == 1.0
+
+
+def test_lr_schedule_is_openpis_warmup_then_cosine():
+    cfg = dataclasses.replace(B5.lr, warmup_steps=10, peak_lr=1e-3, decay_steps=110, decay_lr=1e-4)
+    lr = lr_schedule(cfg)
+    assert float(lr(0)) == pytest.approx(1e-3 / 11, rel=1e-6)
+    assert float(lr(10)) == pytest.approx(1e-3, rel=1e-6)
+    assert float(lr(60)) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4), rel=1e-5)  # cosine half-way
+    assert float(lr(500)) == pytest.approx(1e-4, rel=1e-6)
+    assert float(lr_schedule(B5.lr)(20_000)) == pytest.approx(5e-5, rel=1e-6)  # pi05_libero: constant after warm-up
+
+
+@pytest.mark.parametrize("llm_lora, expert_lora", [(True, True), (True, False), (False, True), (False, False)])
+def test_trainable_filter_is_openpis_freeze_filter(llm_lora, expert_lora):
+    model = abstract_model(pi05_full(**({"paligemma": GEMMA_2B_LORA} if llm_lora else {}),
+                                     **({"action_expert": GEMMA_300M_LORA} if expert_lora else {})))
+    spec = trainable_filter(model)
+    trainable = {path: bool(get(spec)) for path, get in leaf_map(model.config)}
+    for path, train in trainable.items():
+        in_llm, expert, lora = "/llm/" in path, "_1" in path.split("/llm/")[-1], "lora" in path
+        if lora or not in_llm:  # adapters; and, as openpi, SigLIP, projections and the time MLP
+            assert train, path
+        elif expert:
+            assert train == (not expert_lora), path
+        else:
+            assert train == (not llm_lora), path
+
+
+def test_config_json_round_trips_every_variant_and_the_demo_preset():
+    for cfg in [*VARIANTS.values(), demo(B5, pathlib.Path("/data/demo"))]:
+        assert from_json(to_json(cfg)) == cfg
+
+
+def test_cli_builds_the_variant_with_preset_and_overrides():
+    cfg = train_cli.parse(["--variant", "curric_selfdistill", "--preset", "demo", "--num-train-steps", "7",
+                           "--output-dir", "runs/x", "--resume", "--distill.lam", "0.5", "--data.batch-size", "4"])
+    assert cfg.name == "curric_selfdistill" and cfg.num_train_steps == 7 and cfg.resume
+    assert cfg.output_dir == pathlib.Path("runs/x") and cfg.distill.lam == 0.5 and cfg.data.batch_size == 4
+    assert cfg.model.paligemma.width == 64 and cfg.data.dataset == train_cli.DEMO_DATA and cfg.weights is None
+    lora = train_cli.parse(["--variant", "lora_wristonly_zero_p05", "--preset", "demo"])
+    assert lora.model.paligemma.lora is not None and lora.model.action_expert.lora is not None
+    assert np.isclose(lora.data.view_dropout.train.agentview, 0.5)
+    with pytest.raises(SystemExit):
+        train_cli.parse(["--preset", "demo"])  # no variant
+    with pytest.raises(SystemExit):
+        train_cli.parse(["--variant", "curric_selfdistill", "--distill.lam", "x"])

@@ -1,0 +1,144 @@
+"""The training loop on the demo preset: every variant trains, resume is bit-identical, a NaN stops
+the run and keeps the last good checkpoint, the EMA and LoRA updates are what they should be, and
+the checkpoints load for evaluation.
+
+A smaller model than the demo's (depth 1) and XLA's fast-compile options keep this file at about a
+minute and a half on two contended cores; the compiled steps are shared between tests (equal
+StepConfigs give one jitted function).
+"""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import random_model
+
+from eqx_pi05.convert import openpi
+from eqx_pi05.train import checkpoint
+from eqx_pi05.train.config import VARIANTS, demo
+from eqx_pi05.train.loop import ensure_demo_dataset, initial_state, train
+from eqx_pi05.train.metrics import read
+from eqx_pi05.train.sharding import make_mesh
+from eqx_pi05.train.state import ema_update
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return ensure_demo_dataset(tmp_path_factory.mktemp("demo") / "demo_dataset")
+
+
+def small(variant, data_dir, out, **changes):
+    """`variant` on the demo preset, shrunk: depth-1 experts and SigLIP, 24 prompt tokens, batch 4."""
+    cfg = demo(VARIANTS[variant], data_dir)
+    depth1 = lambda g: dataclasses.replace(g, depth=1)  # noqa: E731
+    model = dataclasses.replace(cfg.model, paligemma=depth1(cfg.model.paligemma), action_expert=depth1(cfg.model.action_expert),
+                                siglip=depth1(cfg.model.siglip), max_token_len=24)
+    data = dataclasses.replace(cfg.data, max_token_len=24, batch_size=4)
+    kw = dict(model=model, data=data, num_train_steps=2, output_dir=out, log_interval=1, save_interval=2,
+              keep_checkpoints=2, xla_fast_compile=True)
+    return dataclasses.replace(cfg, **{**kw, **changes})
+
+
+@pytest.fixture(scope="module")
+def runs(demo_data, tmp_path_factory):
+    """Every variant trained for 2 steps (checkpoints after steps 1 and 2): {name: (config, records)}.
+    The LoRA rows start from an openpi-format base checkpoint (random, every leaf non-zero), as a
+    LoRA run starts from pi05_base: at a fresh init the frozen expert's adaRMS gates are zero, and
+    no gradient would reach the adapters."""
+    out = tmp_path_factory.mktemp("runs")
+    configs = {name: small(name, demo_data, out / name, save_interval=1) for name in sorted(VARIANTS)}
+    lora = configs["lora_wristonly_zero_p1"].model
+    base = dataclasses.replace(lora, paligemma=dataclasses.replace(lora.paligemma, lora=None),
+                               action_expert=dataclasses.replace(lora.action_expert, lora=None))
+    openpi.save_checkpoint(random_model(base), out / "base_params")
+    for name in ("lora_wristonly_zero_p05", "lora_wristonly_zero_p1"):
+        configs[name] = dataclasses.replace(configs[name], weights=out / "base_params")
+    return {name: (cfg, train(cfg)) for name, cfg in configs.items()}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_trains_two_steps_on_the_demo_preset(variant, runs):
+    cfg, records = runs[variant]
+    logged = read(cfg.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [0, 1] and logged == records
+    d = cfg.distill
+    for r in logged:
+        assert set(r) >= {"step", "loss", "bc", "distill", "anchor", "p", "grad_norm", "lr", "samples_per_s"}
+        assert np.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["lr"] > 0
+        assert r["loss"] == pytest.approx(r["bc"] + (d.lam * r["distill"] + d.anchor_frac * r["anchor"] if d else 0.0), rel=1e-5)
+        assert r["p"] == pytest.approx(0.0 if d is None else d.p_at(r["step"], 2))
+        if d is not None and d.lam > 0:
+            assert r["anchor"] > 0
+            # p = 0: the student is the teacher, exactly; at the fresh init (adaRMS gates zero) actions
+            # do not read the images yet, so the student differs only once a step has opened the gates.
+            assert (r["distill"] > 0) == (r["p"] > 0 and r["step"] > 0)
+    assert checkpoint.manager(cfg.run_dir / "checkpoints").all_steps() == [1, 2]
+    saved = json.loads((cfg.run_dir / "config.json").read_text())
+    assert saved["name"] == variant and saved["data"]["view_remove"] == dataclasses.asdict(cfg.data.view_remove)
+
+
+def test_checkpoints_hold_the_ema_update_and_load_for_evaluation(runs):
+    cfg, _ = runs["pi05_libero"]
+    (ema1, _), (ema2, loaded_cfg) = (checkpoint.load_trained(cfg.run_dir / "checkpoints" / str(s)) for s in (1, 2))
+    params2, _ = checkpoint.load_trained(cfg.run_dir, params="params")
+    assert loaded_cfg == cfg
+    expected = ema_update(ema1, params2, cfg.ema_decay)
+    for got, want in zip(jax.tree.leaves(ema2), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema2), jax.tree.leaves(params2)))
+
+
+def test_lora_trains_adapters_and_openpis_unfrozen_parts_only(runs):
+    cfg, _ = runs["lora_wristonly_zero_p1"]
+    start = initial_state(cfg, make_mesh(1))  # what train() started from: the base checkpoint + fresh adapters
+    before, (after, _) = start.model(), checkpoint.load_trained(cfg.run_dir, params="params")
+    assert not np.any(before.llm.layers[0].attn.q_einsum.lora_b)  # LoRA starts as the base model
+    for i in (0, 1):  # the LLM and the action expert: both LoRA in this variant
+        old, new = before.llm.layers[i], after.llm.layers[i]
+        np.testing.assert_array_equal(old.attn.q_einsum.w, new.attn.q_einsum.w)  # frozen base weights
+        np.testing.assert_array_equal(old.mlp.gating_einsum.w, new.mlp.gating_einsum.w)
+    # The adapters train (at depth 1 the LLM reaches the actions only through its keys and values).
+    assert not np.array_equal(before.llm.layers[0].attn.kv_einsum.lora_b, after.llm.layers[0].attn.kv_einsum.lora_b)
+    assert not np.array_equal(before.llm.layers[1].attn.q_einsum.lora_b, after.llm.layers[1].attn.q_einsum.lora_b)
+    assert not np.array_equal(before.llm.layers[1].mlp.linear.lora_b, after.llm.layers[1].mlp.linear.lora_b)
+    np.testing.assert_array_equal(before.llm.embedder.input_embedding, after.llm.embedder.input_embedding)
+    assert not np.array_equal(before.action_out_proj.kernel, after.action_out_proj.kernel)  # as openpi: trainable
+    assert not np.array_equal(before.img.patch_kernel, after.img.patch_kernel)
+    assert start.ema is None and start.frozen.llm.layers[0].attn.q_einsum.w is not None
+    assert start.params.llm.layers[0].attn.q_einsum.w is None  # no optimizer state for frozen weights
+
+
+def test_an_unfinished_save_does_not_replace_the_latest_checkpoint(runs):
+    cfg, _ = runs["pi05_libero"]
+    (cfg.run_dir / "checkpoints" / "7.orbax-checkpoint-tmp-1234").mkdir()  # a save killed mid-way
+    assert checkpoint.manager(cfg.run_dir / "checkpoints").latest_step() == 2
+    assert checkpoint.step_dir(cfg.run_dir).name == "2"
+
+
+def test_resume_continues_bit_identically(demo_data, tmp_path):
+    straight = train(small("selfdistill_only", demo_data, tmp_path / "a", num_train_steps=6, save_interval=3))
+    first = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=3, save_interval=3))
+    resumed = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=6, save_interval=3, resume=True))
+    assert [r["loss"] for r in first + resumed] == [r["loss"] for r in straight]
+    assert [r["step"] for r in read(tmp_path / "b" / "metrics.jsonl")] == list(range(6))
+    a, b = (checkpoint.load_trained(tmp_path / x, params="params")[0] for x in ("a", "b"))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    with pytest.raises(FileExistsError, match="--resume"):  # an existing run is never silently restarted
+        train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=6))
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(runs, demo_data, tmp_path):
+    cfg, _ = runs["pi05_libero"]
+    shutil.copytree(cfg.run_dir, tmp_path / "run")
+    stats = json.loads((demo_data / "norm_stats.json").read_text())
+    stats["norm_stats"]["actions"]["q01"][0] = float("nan")  # every action becomes NaN from here on
+    (tmp_path / "nan_stats.json").write_text(json.dumps(stats))
+    bad = dataclasses.replace(cfg, output_dir=tmp_path / "run", num_train_steps=4, resume=True,
+                              data=dataclasses.replace(cfg.data, norm_stats=tmp_path / "nan_stats.json"))
+    with pytest.raises(FloatingPointError, match=r"at step 2: stopped; the last good checkpoint is step 2"):
+        train(bad)
+    assert checkpoint.manager(tmp_path / "run" / "checkpoints").all_steps() == [1, 2]
