@@ -13,6 +13,7 @@ from eqx_pi05.config import GEMMA_2B_LORA, GEMMA_300M_LORA, pi05_full
 from eqx_pi05.convert.openpi import abstract_model, leaf_map
 from eqx_pi05.distill import curriculum_p
 from eqx_pi05.train.config import VARIANTS, DistillConfig, demo, from_json, to_json
+from eqx_pi05.train.metrics import MetricsLog, read
 from eqx_pi05.train.optimizer import lr_schedule, trainable_filter
 from eqx_pi05.views import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
 
@@ -145,3 +146,15 @@ def test_cli_builds_the_variant_with_preset_and_overrides():
         train_cli.parse(["--preset", "demo"])  # no variant
     with pytest.raises(SystemExit):
         train_cli.parse(["--variant", "curric_selfdistill", "--distill.lam", "x"])
+
+
+def test_metrics_log_writes_one_json_line_per_step_and_wandb_offline(tmp_path):
+    pytest.importorskip("wandb")
+    log = MetricsLog(tmp_path / "metrics.jsonl", fresh=True,
+                     wandb_run=dict(project="test", name="t", dir=str(tmp_path), mode="offline", config={}))
+    log.write(0, {"loss": 1.5, "p": 0.0})
+    log.write(10, {"loss": float("nan"), "p": 1.0})
+    log.close()
+    records = read(tmp_path / "metrics.jsonl")
+    assert records[0] == {"step": 0, "loss": 1.5, "p": 0.0} and records[1]["step"] == 10 and math.isnan(records[1]["loss"])
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # written locally, no network

@@ -57,7 +57,13 @@ def runs(demo_data, tmp_path_factory):
     openpi.save_checkpoint(random_model(base), out / "base_params")
     for name in ("lora_wristonly_zero_p05", "lora_wristonly_zero_p1"):
         configs[name] = dataclasses.replace(configs[name], weights=out / "base_params")
-    return {name: (cfg, train(cfg)) for name, cfg in configs.items()}
+    runs = {name: (cfg, train(cfg)) for name, cfg in configs.items()}
+    # B4 with a frozen checkpoint teacher: the pi05_libero run just trained (its EMA params).
+    b4 = configs["selfdistill_only"]
+    cfg = dataclasses.replace(b4, output_dir=out / "teacher_checkpoint", distill=dataclasses.replace(
+        b4.distill, teacher="checkpoint", teacher_checkpoint=configs["pi05_libero"].run_dir))
+    runs["teacher_checkpoint"] = (cfg, train(cfg))
+    return runs
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -79,6 +85,13 @@ def test_every_variant_trains_two_steps_on_the_demo_preset(variant, runs):
     assert checkpoint.manager(cfg.run_dir / "checkpoints").all_steps() == [1, 2]
     saved = json.loads((cfg.run_dir / "config.json").read_text())
     assert saved["name"] == variant and saved["data"]["view_remove"] == dataclasses.asdict(cfg.data.view_remove)
+
+
+def test_a_checkpoint_teacher_is_a_different_model_from_the_first_step(runs):
+    (_, self_teacher), (_, frozen_teacher) = runs["selfdistill_only"], runs["teacher_checkpoint"]
+    assert self_teacher[0]["distill"] == 0.0  # a fresh init does not read images yet: student = self-teacher
+    assert frozen_teacher[0]["distill"] > 0  # the trained pi05_libero EMA does
+    assert frozen_teacher[0]["bc"] == self_teacher[0]["bc"]  # same student, same batch, noise and time
 
 
 def test_checkpoints_hold_the_ema_update_and_load_for_evaluation(runs):
