@@ -142,20 +142,15 @@ def train(cfg: TrainConfig) -> list[dict]:
         done = step + 1
         if done % cfg.log_interval and done % cfg.save_interval and done != n:
             continue
-        values = jax.device_get(pending)  # the only host sync: NaN check over every step since the last one
-        for i, m in enumerate(values):
-            if not np.isfinite(m["loss"]):
-                mgr.wait_until_finished()
-                raise FloatingPointError(f"loss is {m['loss']} at step {done - len(values) + i}: stopped; the last good "
-                                         f"checkpoint is step {mgr.latest_step()} in {mgr.directory}")
-        now = time.perf_counter()
-        record = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
-        record.update(p=float(values[-1]["p"]), lr=float(values[-1]["lr"]),
-                      samples_per_s=len(values) * cfg.data.batch_size / (now - t0))
+        try:  # the only host sync, and a NaN check of every step since the last one
+            record = _summary(jax.device_get(pending), done - len(pending), time.perf_counter() - t0, cfg.data.batch_size)
+        except FloatingPointError as e:
+            mgr.wait_until_finished()
+            raise FloatingPointError(f"{e}: stopped; the last good checkpoint is step {mgr.latest_step()} in {mgr.directory}") from None
         records.append({"step": step, **record})
         log.write(step, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", p=f"{record['p']:.2f}")
-        pending, t0 = [], now
+        pending, t0 = [], time.perf_counter()
         if done % cfg.save_interval == 0 or done == n:
             checkpoint.save(mgr, state, data_iter, cfg)
     mgr.wait_until_finished()
@@ -163,6 +158,16 @@ def train(cfg: TrainConfig) -> list[dict]:
     return records
 
 
+def _summary(values: list[dict], first_step: int, seconds: float, batch_size: int) -> dict[str, float]:
+    """Each metric's mean over the steps since the last log (p and lr: the last step's), and samples/s;
+    a non-finite loss raises, naming its step."""
+    for i, m in enumerate(values):
+        if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {first_step + i}")
+    record = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
+    return {**record, "p": float(values[-1]["p"]), "lr": float(values[-1]["lr"]), "samples_per_s": len(values) * batch_size / seconds}
+
+
 def _wandb_run(cfg: TrainConfig) -> dict:
     return dict(project=cfg.wandb_project, name=cfg.name, config=to_json(cfg), dir=str(cfg.run_dir),
-                mode="offline" if cfg.wandb_offline else "online", resume="allow")
+                mode="offline" if cfg.wandb_offline else "online")
