@@ -17,6 +17,7 @@ import os
 import pathlib
 import sys
 
+import jax
 import tyro
 
 from eqx_pi05.train.config import VARIANTS, TrainConfig, demo
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse(sys.argv[1:] if argv is None else argv)
     from eqx_pi05.train.loop import ensure_demo_dataset, train  # noqa: PLC0415 - orbax, grain: after the CLI parsed
 
+    # As openpi: compiled steps persist across runs (a rerun of the demo skips its ~half-minute compiles).
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "jax"))
     if cfg.data.dataset == DEMO_DATA:
         ensure_demo_dataset(DEMO_DATA)
     try:

@@ -53,7 +53,6 @@ def test_variants_carry_the_reports_knobs():
          ["data.view_dropout.train.agentview"]),
         (dict(distill=dataclasses.replace(B5.distill, teacher="ema"), ema_decay=None), ["distill.teacher='ema'", "ema_decay=None"]),
         (dict(data=dataclasses.replace(B5.data, max_token_len=48)), ["data.max_token_len", "model.max_token_len"]),
-        (dict(resume=True, overwrite=True), ["resume", "overwrite"]),
     ],
 )
 def test_contradictory_train_configs_fail_naming_the_fields(change, fields):

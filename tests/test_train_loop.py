@@ -2,9 +2,9 @@
 the run and keeps the last good checkpoint, the EMA and LoRA updates are what they should be, and
 the checkpoints load for evaluation.
 
-A smaller model than the demo's (depth 1) and XLA's fast-compile options keep this file at about a
-minute and a half on two contended cores; the compiled steps are shared between tests (equal
-StepConfigs give one jitted function).
+SLOW (marked): about 80 s on two contended cores, most of it compiling seven step programs. A
+smaller model than the demo's (depth 1) and XLA's fast-compile options keep it there; the compiled
+steps are shared between tests (equal StepConfigs give one jitted function).
 """
 
 import dataclasses
@@ -25,6 +25,8 @@ from eqx_pi05.train.metrics import read
 from eqx_pi05.train.sharding import make_mesh
 from eqx_pi05.train.state import ema_update
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
@@ -39,7 +41,7 @@ def small(variant, data_dir, out, **changes):
                                 siglip=depth1(cfg.model.siglip), max_token_len=24)
     data = dataclasses.replace(cfg.data, max_token_len=24, batch_size=4)
     kw = dict(model=model, data=data, num_train_steps=2, output_dir=out, log_interval=1, save_interval=2,
-              keep_checkpoints=2, xla_fast_compile=True)
+              keep_checkpoints=2, xla_fast_compile=True, overwrite=False)
     return dataclasses.replace(cfg, **{**kw, **changes})
 
 
@@ -142,6 +144,9 @@ def test_resume_continues_bit_identically(demo_data, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     with pytest.raises(FileExistsError, match="--resume"):  # an existing run is never silently restarted
         train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=6))
+    again = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=3, overwrite=True))
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]  # --overwrite: started over
+    assert checkpoint.manager(tmp_path / "b" / "checkpoints").all_steps() == [3]
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(runs, demo_data, tmp_path):

@@ -135,7 +135,7 @@ class TrainConfig:
     augment: bool = True  # openpi's train-time image augmentation (eqx_pi05.augment)
     output_dir: pathlib.Path | None = None  # checkpoints/, metrics.jsonl, config.json; default outputs/<name>
     resume: bool = False  # continue from the latest checkpoint in output_dir
-    overwrite: bool = False  # delete output_dir's checkpoints and start over
+    overwrite: bool = False  # without --resume: delete output_dir's checkpoints and start over
     log_interval: int = 100  # steps between metrics lines (and NaN checks)
     save_interval: int = 1000  # steps between checkpoints (the last step is always saved)
     keep_checkpoints: int = 1  # checkpoints kept, newest first
@@ -172,8 +172,6 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.lr.warmup_steps < 0 or self.lr.decay_steps <= self.lr.warmup_steps:
             raise ValueError(f"lr: expected 0 <= warmup_steps < decay_steps, got {self.lr}")
-        if self.resume and self.overwrite:
-            raise ValueError("resume=True and overwrite=True: continue the run or delete it, not both")
         if not 0 <= self.process_id < self.num_processes:
             raise ValueError(f"process_id {self.process_id}: expected 0 <= process_id < num_processes={self.num_processes}")
 
@@ -266,7 +264,7 @@ def demo_model(model: Pi05Config) -> Pi05Config:
 def demo(cfg: TrainConfig, data_dir: pathlib.Path) -> TrainConfig:
     """`cfg` on the tiny model (random init) and the demo dataset in `data_dir`, sized to train in a
     minute or two on a laptop CPU: batch 8, 100 steps, a short warm-up to a higher peak LR, EMA 0.95
-    (0.999 would average over ten times the run)."""
+    (0.999 would average over ten times the run); a rerun starts over unless --resume is given."""
     model = demo_model(cfg.model)
     data = dataclasses.replace(
         cfg.data,
@@ -288,6 +286,7 @@ def demo(cfg: TrainConfig, data_dir: pathlib.Path) -> TrainConfig:
         output_dir=pathlib.Path("outputs") / f"{cfg.name}_demo",
         log_interval=10,
         save_interval=50,
+        overwrite=True,
     )
 
 

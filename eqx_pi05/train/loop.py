@@ -97,9 +97,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
     mesh, out, main = make_mesh(cfg.fsdp_devices), cfg.run_dir, jax.process_index() == 0
     _check_inputs(cfg, mesh.size)
-    if cfg.overwrite and main:
+    if cfg.overwrite and not cfg.resume and main:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    if cfg.overwrite and jax.process_count() > 1:
+    if cfg.overwrite and not cfg.resume and jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
         multihost_utils.sync_global_devices("overwrite")
