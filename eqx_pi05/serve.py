@@ -234,12 +234,10 @@ def audit_observation() -> dict:
 
 def load(checkpoint: pathlib.Path, params: Literal["ema", "params"] = "ema") -> tuple[ServerPolicy, dict]:
     """The checkpoint's evaluation policy (its variant's eval-time camera removal), audited; + metadata."""
-    from eqx_pi05.eval import policy as eval_policy
     from eqx_pi05.eval.audit import audit_removal
+    from eqx_pi05.eval.policy import load_policy
 
-    if not hasattr(eval_policy, "load_policy"):
-        raise NotImplementedError("eqx_pi05.eval.policy.load_policy (checkpoint -> policy) does not exist yet")
-    policy, info = eval_policy.load_policy(checkpoint, params=params, batch_size=1)
+    policy, info = load_policy(checkpoint, params=params, batch_size=1)
     line = audit_removal(policy, audit_observation(), info.view_remove_eval, info.view_dropout_train)
     log.info(line)
     metadata = {
