@@ -7,6 +7,12 @@ teacher the same call on both cameras, with the same x_t and t (same noise, same
 
 BC(v) = mean((v − u_t)²) over every element, u_t = noise − actions: the mean of openpi's per-sample
 `compute_loss`. With lam = anchor_frac = 0 the both-camera forward is not traced at all.
+
+Mixed batches (curriculum, 0 < p < 1): a student row that keeps the camera *is* the both-camera
+observation, so its velocity is the live forward v_both the loss computes anyway (self teacher or
+anchor). `student_rows` groups the rows by camera set: v_student = where(rows, v_compacted, v_both),
+the same function as masking the camera in those rows, at the cost of the compacted wrist-only
+forward instead of a second full one (benchmarks/train_step.py measures both).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from eqx_pi05.model import Observation, Pi05
 
@@ -33,8 +39,18 @@ def remove_camera(obs: Observation, slot: str, p: Float[Array, ""], key: PRNGKey
     p = 0 keeps every row as it was; a row already masked stays masked."""
     if slot not in obs.image_masks:
         raise KeyError(f"remove_camera: slot {slot!r} is not in the observation (it has {sorted(obs.image_masks)})")
-    removed = jax.random.uniform(key, obs.image_masks[slot].shape) < p
+    removed = removed_rows(key, p, obs.image_masks[slot].shape[0])
     return eqx.tree_at(lambda o: o.image_masks[slot], obs, obs.image_masks[slot] & ~removed)
+
+
+def removed_rows(key: PRNGKeyArray, p: Float[Array, ""], batch: int) -> Bool[Array, " b"]:
+    """The per-row draw of the in-loss removal: row i loses the camera iff u_i < p, u ~ U[0, 1)."""
+    return jax.random.uniform(key, (batch,)) < p
+
+
+def has_live_forward(lam: float, anchor_frac: float, teacher: Pi05 | None) -> bool:
+    """Whether `distill_loss` computes the live both-camera forward (self-teacher target or anchor)."""
+    return (lam > 0 and teacher is None) or anchor_frac > 0
 
 
 def drop_camera(obs: Observation, slot: str) -> Observation:
@@ -67,6 +83,7 @@ def distill_loss(
     lam: float,
     anchor_frac: float,
     teacher: Pi05 | None = None,
+    student_rows: Bool[Array, " b"] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """(loss, {bc, distill, anchor}). `lam`, `anchor_frac` are Python floats: a zero term is not traced.
 
@@ -74,16 +91,26 @@ def distill_loss(
     sg(v_both) and the anchor BC(v_both) keeps its gradient. A teacher model (modes `ema`,
     `checkpoint`): the target is sg(teacher(obs_both)) and the anchor, if any, is a separate live
     both-camera forward (BC of a frozen teacher would have no gradient).
+
+    `student_rows` (grouped mixed batch): `obs_student` is the compacted observation of the rows
+    marked True; the other rows' student is `obs_both`, i.e. the live forward (which must exist:
+    `has_live_forward`). None: `obs_student` is every row's student.
     """
     tt = t[:, None, None]
     x_t = tt * noise + (1 - tt) * actions
     u_t = noise - actions
+    live = has_live_forward(lam, anchor_frac, teacher)
+    if student_rows is not None and not live:
+        raise ValueError("distill_loss: student_rows needs the live both-camera forward (a self teacher with lam > 0, "
+                         "or anchor_frac > 0); mask the camera per row instead")
+    v_live = model.velocity(obs_both, x_t, t) if live else None
     v_student = model.velocity(obs_student, x_t, t)
+    if student_rows is not None:
+        v_student = jnp.where(student_rows[:, None, None], v_student, v_live)
     zero = jnp.zeros((), jnp.float32)
     terms = {"bc": _mse(v_student, u_t), "distill": zero, "anchor": zero}
     if lam == 0 and anchor_frac == 0:
         return terms["bc"], terms
-    v_live = model.velocity(obs_both, x_t, t) if teacher is None or anchor_frac > 0 else None
     if lam > 0:
         v_teacher = v_live if teacher is None else teacher.velocity(obs_both, x_t, t)
         terms["distill"] = _mse(v_student, jax.lax.stop_gradient(v_teacher))

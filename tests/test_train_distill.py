@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import functools
 
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 from conftest import random_batch, random_model, small_config
 
 from eqx_pi05.compact import compact
-from eqx_pi05.distill import distill_loss, drop_camera, remove_camera
+from eqx_pi05.distill import distill_loss, drop_camera, remove_camera, removed_rows
 from eqx_pi05.model import Observation, Pi05, sample_noise_and_time
 from eqx_pi05.train.config import VARIANTS
 from eqx_pi05.train.optimizer import make_optimizer
@@ -131,8 +132,55 @@ def test_without_lambda_and_anchor_the_teacher_forward_is_not_computed(monkeypat
 def test_distillation_traces_one_student_and_one_teacher_forward(monkeypatch, step_inputs):
     state, batch = step_inputs
     cfg = StepConfig.of(VARIANTS["curric_selfdistill"])
-    assert _forwards(monkeypatch, cfg, state, batch) == {BOTH: 2}
+    # p < 1 groups the rows: the compacted student beside the live forward, as at p = 1
+    assert _forwards(monkeypatch, cfg, state, batch) == {WRIST: 1, BOTH: 1}
+    assert _forwards(monkeypatch, dataclasses.replace(cfg, group_student=False), state, batch) == {BOTH: 2}
     assert _forwards(monkeypatch, cfg, state, batch, drop_student=True) == {WRIST: 1, BOTH: 1}
     ema = dataclasses.replace(cfg, teacher="ema")  # EMA teacher + live anchor: three forwards
     assert _forwards(monkeypatch, ema, state, batch, drop_student=True) == {WRIST: 1, BOTH: 2}
-    assert _forwards(monkeypatch, dataclasses.replace(ema, anchor_frac=0.0), state, batch, drop_student=True) == {WRIST: 1, BOTH: 1}
+    assert _forwards(monkeypatch, ema, state, batch) == {WRIST: 1, BOTH: 2}
+    no_anchor = dataclasses.replace(ema, anchor_frac=0.0)  # no live forward: the student is masked per row
+    assert _forwards(monkeypatch, no_anchor, state, batch, drop_student=True) == {WRIST: 1, BOTH: 1}
+    assert _forwards(monkeypatch, no_anchor, state, batch) == {BOTH: 2}
+
+
+def _student_rows(state, p, b):
+    """The rows the step removes the student's camera from (the step's own key derivation)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return np.asarray(removed_rows(jax.random.split(key, 3)[2], jnp.float32(p), b))
+
+
+@pytest.mark.parametrize("variant,p", [("curric_selfdistill", 0.5), ("curric_selfdistill", 1.0), ("curriculum_only", 0.5),
+                                       ("curric_selfdistill_ema", 0.5)])
+def test_compacted_distillation_step_equals_the_masked_reference(variant, p):
+    """The step as it trains (padding slot left out; student wrist-only compacted at p = 1, grouped by
+    camera set at p < 1 when the loss has the live both-camera forward) against the reference
+    formulation (all three slots computed, the student's camera masked per row): same loss, terms
+    and gradients."""
+    cfg, b = small_config(), 4
+    train_cfg = VARIANTS[variant.removesuffix("_ema")]
+    if variant.endswith("_ema"):  # EMA teacher + anchor: the live forward is the anchor's
+        train_cfg = dataclasses.replace(train_cfg, distill=dataclasses.replace(train_cfg.distill, teacher="ema"))
+    step_cfg = dataclasses.replace(StepConfig.of(train_cfg), fast_compile=True)
+    state = init_state(random_model(cfg), make_optimizer(train_cfg.lr, train_cfg.optimizer), ema=True, seed=0)
+    state = eqx.tree_at(lambda s: s.ema, state, jax.tree.map(lambda x: x * 0.9, state.ema))  # EMA ≠ live params
+    batch = random_batch(cfg, b)
+    if p < 1:
+        rows = _student_rows(state, p, b)
+        assert 0 < rows.sum() < b  # a mixed batch
+    run = eqx.filter_jit(loss_and_grads)
+    ref_loss, ref_terms, ref_grads = run(state, batch, jnp.float32(p), None, False, dataclasses.replace(step_cfg, group_student=False))
+    loss, terms, grads = run(state, compact(batch), jnp.float32(p), None, p >= 1, step_cfg)
+    assert set(compact(batch)["image"]) == set(BOTH)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for k in ("bc", "distill", "anchor"):
+        np.testing.assert_allclose(terms[k], ref_terms[k], rtol=1e-5, atol=1e-7)
+    assert float(terms["bc"]) != float(terms["anchor"]) or train_cfg.distill.anchor_frac == 0  # the student did lose the camera
+    chex.assert_trees_all_close(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), rtol=1e-5, atol=1e-6)
+
+
+def test_grouping_the_student_needs_the_live_forward(setup):
+    model, obs, student, actions, noise, t = setup
+    with pytest.raises(ValueError, match="live both-camera forward"):
+        distill_loss(model, obs, drop_camera(obs, "base_0_rgb"), actions, noise, t, lam=0.0, anchor_frac=0.0,
+                     student_rows=jnp.array([True, False, True]))

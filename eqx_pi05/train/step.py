@@ -3,7 +3,10 @@
 The step is one `jax.jit` with the train state, the batch and the teacher params sharded at its
 boundary (`eqx_pi05.train.sharding`) and the state donated. What it computes is fixed by a hashable
 `StepConfig` and by `drop_student` (static): p(step) = 1 means the student's camera leaves the
-observation (compacted, its tokens never computed); p < 1 masks it per sample inside the step.
+observation (compacted, its tokens never computed). p < 1 draws the removed rows inside the step;
+when the loss computes the live both-camera forward anyway, the rows are grouped by camera set (the
+compacted student forward, selected per row against the live one: `distill.distill_loss`), else the
+camera is masked per row.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float, PyTree
 
 from eqx_pi05.augment import augment
-from eqx_pi05.distill import distill_loss, drop_camera, remove_camera
+from eqx_pi05.distill import distill_loss, drop_camera, has_live_forward, remove_camera, removed_rows
 from eqx_pi05.model import Observation, Pi05, sample_noise_and_time
 from eqx_pi05.train.config import AdamW, LRSchedule, Teacher, TrainConfig
 from eqx_pi05.train.optimizer import lr_schedule, make_optimizer
@@ -43,6 +46,9 @@ class StepConfig:
     teacher: Teacher | None = None
     student_slot: str | None = None  # the camera the student loses in the loss (None: no in-loss removal)
     fast_compile: bool = False  # XLA backend optimisations off (see TrainConfig.xla_fast_compile)
+    # p < 1: group the student's rows by camera set where exact and cheaper (the loss has the live
+    # both-camera forward); False masks the camera per row everywhere (the reference formulation).
+    group_student: bool = True
 
     @staticmethod
     def of(cfg: TrainConfig) -> StepConfig:
@@ -74,20 +80,24 @@ def loss_and_grads(
         obs = augment(k_augment, obs)
     actions = jnp.asarray(batch["actions"], jnp.float32)
     noise, t = sample_noise_and_time(k_noise, actions.shape)
-    if cfg.student_slot is None:
-        student = obs
-    elif drop_student:
-        student = drop_camera(obs, cfg.student_slot)
-    else:
-        student = remove_camera(obs, cfg.student_slot, p, k_student)
     if cfg.teacher == "ema":
         teacher = state.ema_model()
     elif cfg.teacher != "checkpoint":
         teacher = None  # self: the live model's both-camera forward
+    rows = None
+    if cfg.student_slot is None:
+        student = obs
+    elif drop_student:
+        student = drop_camera(obs, cfg.student_slot)
+    elif cfg.group_student and has_live_forward(cfg.lam, cfg.anchor_frac, teacher):
+        student, rows = drop_camera(obs, cfg.student_slot), removed_rows(k_student, p, actions.shape[0])
+    else:
+        student = remove_camera(obs, cfg.student_slot, p, k_student)
 
     def loss_fn(params):
         model = eqx.combine(params, state.frozen)
-        return distill_loss(model, obs, student, actions, noise, t, lam=cfg.lam, anchor_frac=cfg.anchor_frac, teacher=teacher)
+        return distill_loss(model, obs, student, actions, noise, t, lam=cfg.lam, anchor_frac=cfg.anchor_frac, teacher=teacher,
+                            student_rows=rows)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return loss, terms, grads
