@@ -3,9 +3,14 @@ the evaluation's own chain (transforms, eval-time camera removal, unnormalize)."
 
 import contextlib
 import dataclasses
-import re
+import json
 import logging
+import os
 import pathlib
+import re
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -209,3 +214,67 @@ def test_checkpoint_policy_is_audited_and_the_audit_line_logged_at_start(tmp_pat
     monkeypatch.setattr(eval_policy, "load_policy", lambda *a, **k: load_policy(*a, **k, remove_agentview=False))
     with pytest.raises(RemovalAuditError, match="audit=FAIL"):
         serve.load(tmp_path / "ckpt")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(port: int, server: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited with {server.returncode}:\n{server.stdout.read()}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as health:
+                if health.status == 200:
+                    return
+        time.sleep(0.5)
+    raise AssertionError(f"the server did not answer /healthz within {timeout} s")
+
+
+@pytest.mark.slow
+def test_train_py_checkpoint_served_end_to_end_with_wandb_offline_logging(tmp_path):
+    """`python train.py` (demo preset, depth 1, 2 steps, --wandb offline) writes a checkpoint;
+    `python -m eqx_pi05.serve --checkpoint` serves it: the audit line at start and in the metadata,
+    actions equal to the evaluation policy's for the same noise seed, and the removed agentview
+    cannot change them. About 40 s."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "WANDB_SILENT": "true"}  # the demo dataset goes there
+    run = tmp_path / "run"
+    depth1 = [f"--model.{m}.depth" for m in ("paligemma", "action-expert", "siglip")]
+    train = subprocess.run([sys.executable, "train.py", "--variant", "wristonly_physdrop", "--preset", "demo", "--num-train-steps", "2",
+                            "--log-interval", "1", "--output-dir", str(run), "--xla-fast-compile", "--wandb", "--wandb-offline",
+                            *(x for flag in depth1 for x in (flag, "1"))],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1]
+    # wandb (offline, no network) got the same numbers as metrics.jsonl.
+    (wandb_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = wandb_file.read_bytes()
+    for r in records:
+        for key in ("loss", "bc", "grad_norm"):
+            assert json.dumps(r[key]).encode() in logged, (key, r[key])
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "eqx_pi05.serve", "--checkpoint", str(run), "--port", str(port)],
+                              cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_healthy(port, server)
+        with connect(port) as client:
+            audit = "eval physical view-removal {agentview=1} audit=pass"
+            assert client.metadata["variant"] == "wristonly_physdrop" and client.metadata["camera_removal"] == audit
+            assert client.metadata["params"] == "ema"
+            served = client.infer(request(noise_seed=3))["actions"]
+            other_agentview = client.infer(request(noise_seed=3, **{"observation/image": np.full((224, 224, 3), 255, np.uint8)}))["actions"]
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=60)[0]
+    assert audit in log
+    policy, _ = eval_policy.load_policy(run, params="ema", batch_size=1)
+    assert served.shape == (10, 7) and np.isfinite(served).all()
+    np.testing.assert_array_equal(served, policy([{**request(), "noise_seed": 3}])[0])
+    np.testing.assert_array_equal(other_agentview, served)  # the removed camera cannot change the actions
