@@ -144,6 +144,10 @@ def test_resume_continues_bit_identically(demo_data, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     with pytest.raises(FileExistsError, match="--resume"):  # an existing run is never silently restarted
         train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=6))
+    changed = small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=9, resume=True)
+    changed = dataclasses.replace(changed, seed=1, distill=dataclasses.replace(changed.distill, lam=0.5))
+    with pytest.raises(ValueError, match=r"differs from the checkpoint's in distill.lam: checkpoint 1.0, now 0.5; seed: checkpoint 42"):
+        train(changed)  # --resume continues the same run, or says which settings differ
     again = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=3, save_interval=3, overwrite=True))
     assert [r["loss"] for r in again] == [r["loss"] for r in first]  # --overwrite: started over
     assert checkpoint.manager(tmp_path / "b" / "checkpoints").all_steps() == [3]

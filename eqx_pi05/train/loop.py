@@ -111,6 +111,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     shardings = fsdp_shardings(shapes, mesh, cfg.fsdp_min_bytes)
     data_iter = iter(make_data_loader(cfg.data))
     if cfg.resume and mgr.latest_step() is not None:
+        check_resume_config(checkpoint.read_config(out / "checkpoints"), cfg)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
         state = checkpoint.restore(mgr, target, data_iter)
     else:
@@ -156,6 +157,31 @@ def train(cfg: TrainConfig) -> list[dict]:
     mgr.wait_until_finished()
     log.close()
     return records
+
+
+# Fields a resumed run may change: how it runs, not what it trains (num_train_steps extends a run;
+# note it also stretches a curriculum), and files read again (a moved dataset; changed stats are the user's call).
+RESUMABLE = ("output_dir", "resume", "overwrite", "log_interval", "save_interval", "keep_checkpoints", "async_checkpoint",
+             "xla_fast_compile", "fsdp_devices", "fsdp_min_bytes", "wandb", "wandb_project", "wandb_offline",
+             "coordinator_address", "num_processes", "process_id", "num_train_steps", "weights",
+             "data.dataset", "data.tokenizer", "data.norm_stats", "distill.teacher_checkpoint")
+
+
+def check_resume_config(saved: TrainConfig, cfg: TrainConfig) -> None:
+    """--resume continues the run the checkpoint holds: any other difference (model, data transforms,
+    camera removal, optimizer, schedule, distillation, seeds) is an error naming the fields."""
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: tree}
+
+    old, new = flat(to_json(saved)), flat(to_json(cfg))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE))
+    if changed:
+        diff = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in changed)
+        raise ValueError(f"--resume with a config that differs from the checkpoint's in {diff}. Resume with the run's "
+                         "settings (its config.json), or start a new run (--output-dir, or --overwrite)")
 
 
 def _summary(values: list[dict], first_step: int, seconds: float, batch_size: int) -> dict[str, float]:
