@@ -237,7 +237,7 @@ def _wait_healthy(port: int, server: subprocess.Popen, timeout: float = 300) -> 
 
 @pytest.mark.slow
 def test_train_py_checkpoint_served_end_to_end_with_wandb_offline_logging(tmp_path):
-    """`python train.py` (demo preset, depth 1, 2 steps, --wandb offline) writes a checkpoint;
+    """`python train.py` (demo preset, depth 1, 2 steps then 1 more with --resume, --wandb offline) writes a checkpoint;
     `python -m eqx_pi05.serve --checkpoint` serves it: the audit line at start and in the metadata,
     actions equal to the evaluation policy's for the same noise seed, and the removed agentview
     cannot change them. About 40 s."""
@@ -245,16 +245,23 @@ def test_train_py_checkpoint_served_end_to_end_with_wandb_offline_logging(tmp_pa
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "WANDB_SILENT": "true"}  # the demo dataset goes there
     run = tmp_path / "run"
     depth1 = [f"--model.{m}.depth" for m in ("paligemma", "action-expert", "siglip")]
-    train = subprocess.run([sys.executable, "train.py", "--variant", "wristonly_physdrop", "--preset", "demo", "--num-train-steps", "2",
-                            "--log-interval", "1", "--output-dir", str(run), "--xla-fast-compile", "--wandb", "--wandb-offline",
-                            *(x for flag in depth1 for x in (flag, "1"))],
-                           cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-3000:]
+
+    def train(steps: int, *extra: str) -> None:
+        done = subprocess.run([sys.executable, "train.py", "--variant", "wristonly_physdrop", "--preset", "demo", "--num-train-steps",
+                               str(steps), "--log-interval", "1", "--output-dir", str(run), "--xla-fast-compile", "--wandb",
+                               "--wandb-offline", *(x for flag in depth1 for x in (flag, "1")), *extra],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    train(2)
+    train(3, "--resume")  # one more step: the same wandb run goes on
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1]
-    # wandb (offline, no network) got the same numbers as metrics.jsonl.
-    (wandb_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
-    logged = wandb_file.read_bytes()
+    assert [r["step"] for r in records] == [0, 1, 2]
+    # wandb (offline, no network) got the same numbers as metrics.jsonl, in one run id across the resume.
+    run_id = (run / "wandb_run_id").read_text()
+    files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2
+    logged = b"".join(f.read_bytes() for f in files)
     for r in records:
         for key in ("loss", "bc", "grad_norm"):
             assert json.dumps(r[key]).encode() in logged, (key, r[key])

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import time
 
@@ -128,7 +129,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_json(cfg), indent=1))
     suffix = "" if main else f".process{jax.process_index()}"
-    log = MetricsLog(out / f"metrics{suffix}.jsonl", fresh=start == 0, wandb_run=_wandb_run(cfg) if cfg.wandb and main else None)
+    log = MetricsLog(out / f"metrics{suffix}.jsonl", fresh=start == 0, wandb_run=_wandb_run(cfg, fresh=start == 0) if cfg.wandb and main else None)
     records, pending, t0 = [], [], time.perf_counter()
     bar = tqdm(range(start, n), initial=start, total=n, disable=not main, desc=cfg.name)
     for step in bar:
@@ -194,6 +195,11 @@ def _summary(values: list[dict], first_step: int, seconds: float, batch_size: in
     return {**record, "p": float(values[-1]["p"]), "lr": float(values[-1]["lr"]), "samples_per_s": len(values) * batch_size / seconds}
 
 
-def _wandb_run(cfg: TrainConfig) -> dict:
+def _wandb_run(cfg: TrainConfig, fresh: bool) -> dict:
+    """wandb.init's arguments. The run id is kept in OUTPUT_DIR/wandb_run_id, so a resumed run logs
+    on into the same W&B run; a run started over gets a new id."""
+    id_file = cfg.run_dir / "wandb_run_id"
+    if fresh or not id_file.exists():
+        id_file.write_text(secrets.token_hex(4))
     return dict(project=cfg.wandb_project, name=cfg.name, config=to_json(cfg), dir=str(cfg.run_dir),
-                mode="offline" if cfg.wandb_offline else "online")
+                mode="offline" if cfg.wandb_offline else "online", id=id_file.read_text().strip(), resume="allow")
