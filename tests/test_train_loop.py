@@ -65,6 +65,9 @@ def runs(demo_data, tmp_path_factory):
     cfg = dataclasses.replace(b4, output_dir=out / "teacher_checkpoint", distill=dataclasses.replace(
         b4.distill, teacher="checkpoint", teacher_checkpoint=configs["pi05_libero"].run_dir))
     runs["teacher_checkpoint"] = (cfg, train(cfg))
+    # B4 with the EMA teacher (demo EMA decay 0.95).
+    cfg = dataclasses.replace(b4, output_dir=out / "teacher_ema", distill=dataclasses.replace(b4.distill, teacher="ema"))
+    runs["teacher_ema"] = (cfg, train(cfg))
     return runs
 
 
@@ -94,6 +97,15 @@ def test_a_checkpoint_teacher_is_a_different_model_from_the_first_step(runs):
     assert self_teacher[0]["distill"] == 0.0  # a fresh init does not read images yet: student = self-teacher
     assert frozen_teacher[0]["distill"] > 0  # the trained pi05_libero EMA does
     assert frozen_teacher[0]["bc"] == self_teacher[0]["bc"]  # same student, same batch, noise and time
+
+
+def test_an_ema_teacher_is_the_live_model_at_the_first_step_and_the_average_after(runs):
+    (_, self_teacher), (_, ema_teacher) = runs["selfdistill_only"], runs["teacher_ema"]
+    for key in ("loss", "bc", "distill", "anchor"):  # step 0: EMA = params, so the same step
+        assert ema_teacher[0][key] == pytest.approx(self_teacher[0][key], rel=1e-6)
+    assert ema_teacher[1]["bc"] == pytest.approx(self_teacher[1]["bc"], rel=1e-5)  # same params after step 0
+    # step 1: the target is 0.95·init + 0.05·params, not the live params
+    assert abs(ema_teacher[1]["distill"] - self_teacher[1]["distill"]) > 1e-3 * self_teacher[1]["distill"]
 
 
 def test_checkpoints_hold_the_ema_update_and_load_for_evaluation(runs):
