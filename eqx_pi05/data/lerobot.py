@@ -3,8 +3,8 @@
 Layouts (SPEC.md §2):
 - v2.0 / v2.1: one parquet per episode at `info["data_path"]` (`episode_chunk`, `episode_index`),
   `meta/tasks.jsonl`, `meta/episodes.jsonl` (v2.1 adds `meta/episodes_stats.jsonl`, unused here).
-- v3.0: several episodes per `data/chunk-XXX/file-YYY.parquet`, `meta/tasks.parquet`,
-  `meta/episodes/chunk-XXX/file-YYY.parquet`; video features live in mp4 files (PyAV).
+- v3.0: several episodes per `data/chunk-{c:03d}/file-{f:03d}.parquet`, `meta/tasks.parquet`,
+  `meta/episodes/chunk-{c:03d}/file-{f:03d}.parquet`; video features live in mp4 files (PyAV).
 Images stored in parquet are encoded bytes in a struct {bytes, path}, as HF datasets writes them.
 
 At construction every data file's numeric columns are read and checked (columns present, vector
