@@ -10,6 +10,7 @@ from jaxtyping import install_import_hook  # noqa: E402
 _hook = install_import_hook("eqx_pi05", "beartype.beartype")
 
 import pathlib  # noqa: E402
+import socket  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -94,3 +95,10 @@ def random_model(config, seed=0):
         std = 0.1 if len(shape) < 2 or path.endswith("bias") else 1 / np.sqrt(shape[-2])
         flat[path] = rng.normal(0, std, shape).astype(np.float32)
     return openpi.from_openpi(flat, config)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for servers and coordinators the tests start)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

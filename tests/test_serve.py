@@ -8,7 +8,6 @@ import logging
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 import websockets.sync.client
-from conftest import random_model
+from conftest import REPO, free_port, random_model
 from websockets.exceptions import ConnectionClosedError
 
 from eqx_pi05 import serve
@@ -216,12 +215,6 @@ def test_checkpoint_policy_is_audited_and_the_audit_line_logged_at_start(tmp_pat
         serve.load(tmp_path / "ckpt")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_healthy(port: int, server: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -241,7 +234,6 @@ def test_train_py_checkpoint_served_end_to_end_with_wandb_offline_logging(tmp_pa
     `python -m eqx_pi05.serve --checkpoint` serves it: the audit line at start and in the metadata,
     actions equal to the evaluation policy's for the same noise seed, and the removed agentview
     cannot change them. About 40 s."""
-    repo = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "WANDB_SILENT": "true"}  # the demo dataset goes there
     run = tmp_path / "run"
     depth1 = [f"--model.{m}.depth" for m in ("paligemma", "action-expert", "siglip")]
@@ -250,7 +242,7 @@ def test_train_py_checkpoint_served_end_to_end_with_wandb_offline_logging(tmp_pa
         done = subprocess.run([sys.executable, "train.py", "--variant", "wristonly_physdrop", "--preset", "demo", "--num-train-steps",
                                str(steps), "--log-interval", "1", "--output-dir", str(run), "--xla-fast-compile", "--wandb",
                                "--wandb-offline", *(x for flag in depth1 for x in (flag, "1")), *extra],
-                              cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
 
     train(2)
@@ -266,9 +258,9 @@ def test_train_py_checkpoint_served_end_to_end_with_wandb_offline_logging(tmp_pa
         for key in ("loss", "bc", "grad_norm"):
             assert json.dumps(r[key]).encode() in logged, (key, r[key])
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "eqx_pi05.serve", "--checkpoint", str(run), "--port", str(port)],
-                              cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_healthy(port, server)
         with connect(port) as client:

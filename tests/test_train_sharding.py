@@ -8,30 +8,23 @@ SLOW (marked): three subprocesses run at once (train_sharding_worker.py), about 
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, free_port
 
 from eqx_pi05.train.sharding import fsdp_spec
 
 WORKER = pathlib.Path(__file__).parent / "train_sharding_worker.py"
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    port = str(_free_port())
+    port = str(free_port())
     commands = [["single", str(out)], ["multi", str(out), port, "0"], ["multi", str(out), port, "1"]]
     procs = [subprocess.Popen([sys.executable, str(WORKER), *c], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in commands]
