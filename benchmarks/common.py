@@ -95,8 +95,18 @@ def machine() -> dict:
     return dict(device=f"{d.device_kind} ({jax.default_backend()}) x{jax.device_count()}", jax=jax.__version__, cpu=platform.machine())
 
 
+def result_path(name: str) -> Path:
+    return RESULTS / f"{name}_{jax.default_backend()}.json"
+
+
+def read(name: str) -> dict:
+    """The last results written under `name` on this backend ({} if none)."""
+    path = result_path(name)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}_{jax.default_backend()}.json"
+    out = result_path(name)
     out.write_text(json.dumps(dict(machine=machine(), **payload), indent=1))
     return out

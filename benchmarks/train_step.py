@@ -4,6 +4,8 @@ and memory.
 
     python benchmarks/train_step.py [--runs 5] [--batch 32] [--skip-full] [--skip-tiny] [--model tiny|demo]
 
+A skipped part keeps its rows from the last results file of this backend.
+
 Each variant is measured in two or three formulations of the same function:
 - masked: the reference's program — all three camera slots go through the image tower and every
   layer, the masks decide (the padding slot; the removed camera; the student's camera per row);
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import corrected_flops, memory, write  # noqa: E402
+from common import corrected_flops, memory, read, write  # noqa: E402
 
 from eqx_pi05.config import IMAGE_KEYS, pi05_full, pi05_tiny  # noqa: E402
 from eqx_pi05.convert.openpi import abstract_model  # noqa: E402
@@ -92,8 +94,9 @@ def batch_arrays(config, b: int, form: Form, abstract_only: bool = False):
                 tokenized_prompt_mask=np.arange(n)[None].repeat(b, 0) < 20, actions=rng.normal(size=(b, h, 32)).astype(np.float32))
 
 
-def step_config(variant: str, form: Form) -> StepConfig:
-    return dataclasses.replace(StepConfig.of(dataclasses.replace(VARIANTS[variant], ema_decay=0.999)), group_student=form.group_student)
+def step_config(variant: str, form: Form, ema: bool = True) -> StepConfig:
+    cfg = dataclasses.replace(VARIANTS[variant], ema_decay=0.999 if ema else None)
+    return dataclasses.replace(StepConfig.of(cfg), group_student=form.group_student)
 
 
 def tiny_rows(runs: int, model: str) -> list[dict]:
@@ -119,7 +122,8 @@ def tiny_rows(runs: int, model: str) -> list[dict]:
                 jax.block_until_ready(m)
                 times.append(time.perf_counter() - t0)
             ms = float(np.median(times)) * 1e3
-            ref_loss, ref_ms = (loss, ms) if ref_loss is None else (ref_loss, ref_ms)
+            if ref_loss is None:
+                ref_loss, ref_ms = loss, ms
             rel = abs(loss - ref_loss) / abs(ref_loss)
             rows.append(dict(model=model, case=case, formulation=name, batch=8, step_ms=ms, vs_masked=ms / ref_ms,
                              first_loss=loss, loss_rel_diff=rel, first_call_s=compile_s))
@@ -143,6 +147,17 @@ def loss_grad_fn(variant: str, p: float, form: Form):
     return fn
 
 
+def step_memory(config, variant: str, form: Form, b: int, ema: bool) -> dict:
+    """Memory analysis of the whole scanned train step (state donated) at full size, abstractly."""
+    cfg = dataclasses.replace(VARIANTS[variant], model=config, ema_decay=0.999 if ema else None)
+    optimizer = make_optimizer(cfg.lr, cfg.optimizer)
+    state = jax.eval_shape(lambda m: init_state(m, optimizer, ema=ema, seed=0), abstract_model(config))
+    step = jax.jit(lambda s, bt, p_: train_step(s, bt, p_, None, form.drop_student, cfg=step_config(variant, form, ema)),
+                   donate_argnums=0)
+    mem = memory(step.lower(state, batch_arrays(config, b, form, abstract_only=True), jax.ShapeDtypeStruct((), jnp.float32)).compile())
+    return dict(**mem, fits_h100=mem["peak_gib"] <= H100_GIB)
+
+
 def full_rows(b: int) -> list[dict]:
     rows = []
     config = pi05_full(action_horizon=10)  # remat on, as trained
@@ -153,18 +168,18 @@ def full_rows(b: int) -> list[dict]:
             flops = corrected_flops(loss_grad_fn(variant, p, form), config, batch_arrays(config, b, form, abstract_only=True))
             tflops = flops["flops"] / 1e12
             ref = ref or tflops
-            cfg = dataclasses.replace(VARIANTS[variant], model=config, ema_decay=0.999)
-            optimizer = make_optimizer(cfg.lr, cfg.optimizer)
-            state = jax.eval_shape(lambda m: init_state(m, optimizer, ema=True, seed=0), abstract_model(config))
-            step = jax.jit(lambda s, bt, p_: train_step(s, bt, p_, None, form.drop_student, cfg=step_config(variant, form)),
-                           donate_argnums=0)
-            mem = memory(step.lower(state, batch_arrays(config, b, form, abstract_only=True), jax.ShapeDtypeStruct((), jnp.float32)).compile())
+            mem = step_memory(config, variant, form, b, ema=True)
             rows.append(dict(case=case, formulation=name, batch=b, tflops=tflops, vs_masked=tflops / ref,
-                             per_llm_layer_tflops=flops["per_llm_layer"] / 1e12, per_siglip_layer_tflops=flops["per_siglip_layer"] / 1e12,
-                             **mem, fits_h100=mem["peak_gib"] <= H100_GIB))
+                             per_llm_layer_tflops=flops["per_llm_layer"] / 1e12, per_siglip_layer_tflops=flops["per_siglip_layer"] / 1e12, **mem))
             print(f"  {case:34s} {name:34s} {tflops:7.1f} TFLOP  {tflops / ref:5.3f}× masked   temp {mem['temp_gib']:5.1f} GiB  "
-                  f"peak {mem['peak_gib']:5.1f} GiB ({'fits' if mem['peak_gib'] <= H100_GIB else 'over'} one H100)"
+                  f"peak {mem['peak_gib']:5.1f} GiB ({'fits' if mem['fits_h100'] else 'over'} one H100)"
                   f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    # What one GPU can hold: the both-camera recipe without its EMA copy.
+    case, (variant, _, forms) = "both-cam BC (pi05_libero), no EMA", CASES["both-cam BC (pi05_libero)"]
+    mem = step_memory(config, variant, forms["compacted"], b, ema=False)
+    rows.append(dict(case=case, formulation="compacted", batch=b, **mem))
+    print(f"  {case:34s} {'compacted':34s} {'':19s}   temp {mem['temp_gib']:5.1f} GiB  peak {mem['peak_gib']:5.1f} GiB "
+          f"({'fits' if mem['fits_h100'] else 'over'} one H100)", flush=True)
     return rows
 
 
@@ -176,7 +191,8 @@ def main():
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
     args = ap.parse_args()
-    tiny = full = []
+    last = read("train_step")  # a skipped part keeps the rows of the last run
+    tiny, full = last.get("tiny", []), last.get("full", [])
     if not args.skip_tiny:
         print(f"(a) {args.model} model on {jax.devices()[0].device_kind}, whole train step, batch 8, median of {args.runs}")
         tiny = tiny_rows(args.runs, args.model)
