@@ -1,6 +1,6 @@
 """A small LIBERO-Spatial-like LeRobot v2.0 dataset, plus its tokenizer and norm stats, offline.
 
-    python -m eqx_pi05.data.make_demo_dataset OUT_DIR [--source synthetic|libero]
+    python -m eqx_pi05.data.make_demo_dataset OUT_DIR
 
 Writes OUT_DIR/meta/*, OUT_DIR/data/chunk-000/episode_*.parquet (PNG bytes inside the parquet, as
 `physical-intelligence/libero`), OUT_DIR/tokenizer.model (a tiny SentencePiece model with
@@ -12,15 +12,16 @@ the ten LIBERO-Spatial landmarks; a red gripper blob carries the black bowl from
 spot to the plate. Actions are the gripper's next displacement, so both cameras carry the signal a
 policy needs (agentview sees everything, the wrist camera a zoomed window around the gripper).
 
-`--source libero` records scripted pick-and-place rollouts in the real LIBERO-Spatial simulator
-instead (eqx_pi05.eval.sim, the `libero` extra; about a minute per episode on a 2-core CPU).
+The same layout recorded from scripted rollouts in the real LIBERO-Spatial simulator is written by
+`python -m eqx_pi05.eval.record OUT_DIR` (next to the simulator: data does not import eval).
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Annotated, Literal
+from collections.abc import Iterable
+from typing import Annotated
 
 import numpy as np
 import tyro
@@ -145,26 +146,35 @@ def _synthetic_episode(task_index: int, rng: np.random.Generator, length: int) -
 def make_demo_dataset(
     out_dir: str | pathlib.Path,
     *,
-    source: Literal["synthetic", "libero"] = "synthetic",
     episodes_per_task: int = 2,
     min_frames: int = 20,
     max_frames: int = 40,
     seed: int = 0,
     action_horizon: int = 10,
 ) -> pathlib.Path:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_frames, max_frames + 1, size=(len(LIBERO_SPATIAL_TASKS), episodes_per_task))
+    episodes = (
+        _synthetic_episode(task, rng, int(lengths[task, k]))
+        for k in range(episodes_per_task)
+        for task in range(len(LIBERO_SPATIAL_TASKS))
+    )
+    description = "synthetic: drawn top-down scenes, no LIBERO simulator"
+    return write_demo_dataset(out_dir, episodes, description, fps=10.0, action_horizon=action_horizon)
+
+
+def write_demo_dataset(
+    out_dir: str | pathlib.Path,
+    episodes: Iterable[Episode],
+    description: str,
+    *,
+    fps: float,
+    action_horizon: int = 10,
+    summary: dict | None = None,
+) -> pathlib.Path:
+    """Write `episodes` of the LIBERO-Spatial tasks with the tokenizer and norm stats; `summary`
+    (filled while `episodes` runs: "successes", "episodes") is appended to meta/info.json's source."""
     out_dir = pathlib.Path(out_dir)
-    summary: dict = {}
-    if source == "libero":
-        episodes, description, fps = _libero_episodes(episodes_per_task, summary), "libero_spatial scripted rollouts", 20.0
-    else:
-        rng = np.random.default_rng(seed)
-        lengths = rng.integers(min_frames, max_frames + 1, size=(len(LIBERO_SPATIAL_TASKS), episodes_per_task))
-        episodes = (
-            _synthetic_episode(task, rng, int(lengths[task, k]))
-            for k in range(episodes_per_task)
-            for task in range(len(LIBERO_SPATIAL_TASKS))
-        )
-        description, fps = "synthetic: drawn top-down scenes, no LIBERO simulator", 10.0
     write_dataset(out_dir, episodes, list(LIBERO_SPATIAL_TASKS), fps=fps, extra_info={"source": description})
     if summary:  # known only once the rollouts ran
         info_path = out_dir / "meta" / "info.json"
@@ -176,87 +186,10 @@ def make_demo_dataset(
     return out_dir
 
 
-def _libero_episodes(episodes_per_task: int, summary: dict):
-    """Scripted pick-and-place rollouts in LIBERO-Spatial through eqx_pi05.eval.sim (≈ 30 s each on CPU).
-
-    Episode k of a task starts from the suite's fixed initial state k. The script reads the target
-    bowl's and the plate's positions from the simulator, grasps the bowl by its rim (the fingers
-    close along world y), carries it over the plate and lets go. Failed attempts are kept; `summary`
-    receives the success count for meta/info.json.
-    """
-    from eqx_pi05.eval import sim  # raises with install instructions when LIBERO is missing
-
-    summary.update(episodes=0, successes=0)
-    for task in sim.suite_tasks("libero_spatial")[: len(LIBERO_SPATIAL_TASKS)]:
-        env = sim.LiberoEnv(task)
-        try:
-            for trial in range(episodes_per_task):
-                episode, success = _scripted_rollout(env, trial, LIBERO_SPATIAL_TASKS.index(task.language))
-                summary["episodes"] += 1
-                summary["successes"] += int(success)
-                yield episode
-        finally:
-            env.close()
-
-
-RIM_OFFSET = np.array([0.0, 0.05, 0.0])  # eef above the bowl's rim, not its hollow centre
-SIM_MAX_STEPS = 220  # LIBERO-Spatial's episode limit in the reference evaluation
-
-
-def _scripted_rollout(env, trial: int, task_index: int) -> tuple[Episode, bool]:
-    # eqx_pi05.eval.sim.LiberoEnv exposes images and state only; object positions come from the
-    # robosuite env underneath it (LIBERO's `obj_body_id` / `obj_of_interest`).
-    inner = env._env
-    body_pos = lambda name: np.array(inner.env.sim.data.body_xpos[inner.env.obj_body_id[name]])  # noqa: E731
-    bowl_name, plate_name = inner.obj_of_interest[:2]
-    obs = env.reset(trial)
-    frames: list[tuple[dict, np.ndarray]] = []
-    done = False
-
-    def act(target: np.ndarray | None, grip: float, steps: int, tol: float = 0.008) -> None:
-        nonlocal obs, done
-        for _ in range(steps):
-            if done or len(frames) >= SIM_MAX_STEPS:
-                return
-            action = np.zeros(7)
-            action[6] = grip
-            if target is not None:
-                error = target - obs["state"][:3]
-                if np.linalg.norm(error) < tol:
-                    return
-                action[:3] = np.clip(error * 20.0, -1.0, 1.0)
-            frames.append((obs, action))
-            obs, done = env.step(action)
-
-    act(None, -1.0, 5)  # let the objects settle before reading where they are
-    bowl = body_pos(bowl_name) + RIM_OFFSET
-    act(bowl + [0, 0, 0.15], -1.0, 60)
-    act(bowl + [0, 0, 0.03], -1.0, 40)
-    act(None, 1.0, 12)
-    act(obs["state"][:3] + [0, 0, 0.15], 1.0, 40)
-    plate = body_pos(plate_name) + RIM_OFFSET
-    act(plate + [0, 0, 0.15], 1.0, 60)
-    act(plate + [0, 0, 0.08], 1.0, 30)
-    act(None, -1.0, 15)
-    episode = Episode(
-        task_index,
-        np.stack([o["agentview"] for o, _ in frames]),
-        np.stack([o["wrist"] for o, _ in frames]),
-        np.stack([o["state"] for o, _ in frames]).astype(np.float32),
-        np.stack([a for _, a in frames]).astype(np.float32),
-    )
-    return episode, done
-
-
-def main(
-    out_dir: Annotated[pathlib.Path, tyro.conf.Positional],
-    source: Literal["synthetic", "libero"] = "synthetic",
-    episodes_per_task: int = 2,
-    seed: int = 0,
-) -> None:
-    """Write the demo dataset, its tokenizer.model and norm_stats.json to OUT_DIR (seed: synthetic only)."""
-    make_demo_dataset(out_dir, source=source, episodes_per_task=episodes_per_task, seed=seed)
-    print(f"wrote {out_dir} ({source})")
+def main(out_dir: Annotated[pathlib.Path, tyro.conf.Positional], episodes_per_task: int = 2, seed: int = 0) -> None:
+    """Write the synthetic demo dataset, its tokenizer.model and norm_stats.json to OUT_DIR."""
+    make_demo_dataset(out_dir, episodes_per_task=episodes_per_task, seed=seed)
+    print(f"wrote {out_dir} (synthetic)")
 
 
 if __name__ == "__main__":
