@@ -1,7 +1,7 @@
 """The model policy: the data pipeline's eval transform chain + the model, built directly or from a
 train.py checkpoint (model, EMA, transforms and camera removal of its variant), under the audit.
 
-The checkpoint is written by train/checkpoint.py's own `save` (demo-size model), so this tests the
+The checkpoint is written by eqx_pi05/checkpoints.py's own `save` (demo-size model), so this tests the
 format train.py really writes. The last test runs two real LIBERO-Spatial episodes through
 evaluate.py (skipped without the simulator).
 """
@@ -27,7 +27,7 @@ from eqx_pi05.eval.policy import load_policy, make_policy
 from eqx_pi05.eval.rollout import policy_observation
 from eqx_pi05.eval.sim import SimObservation
 from eqx_pi05.model import Pi05
-from eqx_pi05.train import checkpoint
+from eqx_pi05 import checkpoints
 from eqx_pi05.train.config import VARIANTS, demo
 from eqx_pi05.train.optimizer import make_optimizer
 from eqx_pi05.train.state import init_state
@@ -67,8 +67,8 @@ def trained(tmp_path_factory):
     state = init_state(model, make_optimizer(cfg.lr, cfg.optimizer), ema=True, seed=0)
     state = eqx.tree_at(lambda s: s.ema, state, _jitter(state.ema, 0.05, 2))
     data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
-    mgr = checkpoint.manager(cfg.run_dir / "checkpoints", async_save=False)
-    checkpoint.save(mgr, state, data_iter, cfg)
+    mgr = checkpoints.manager(cfg.run_dir / "checkpoints", async_save=False)
+    checkpoints.save(mgr, state, data_iter, cfg)
     mgr.wait_until_finished()
     return cfg.run_dir, parts
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import random_model
 
 from eqx_pi05.convert import openpi
-from eqx_pi05.train import checkpoint
+from eqx_pi05 import checkpoints
 from eqx_pi05.train.config import VARIANTS, demo
 from eqx_pi05.train.loop import ensure_demo_dataset, initial_state, train
 from eqx_pi05.train.metrics import read
@@ -87,7 +87,7 @@ def test_every_variant_trains_two_steps_on_the_demo_preset(variant, runs):
             # p = 0: the student is the teacher, exactly; at the fresh init (adaRMS gates zero) actions
             # do not read the images yet, so the student differs only once a step has opened the gates.
             assert (r["distill"] > 0) == (r["p"] > 0 and r["step"] > 0)
-    assert checkpoint.manager(cfg.run_dir / "checkpoints").all_steps() == [1, 2]
+    assert checkpoints.manager(cfg.run_dir / "checkpoints").all_steps() == [1, 2]
     saved = json.loads((cfg.run_dir / "config.json").read_text())
     assert saved["name"] == variant and saved["data"]["view_remove"] == dataclasses.asdict(cfg.data.view_remove)
 
@@ -110,8 +110,8 @@ def test_an_ema_teacher_is_the_live_model_at_the_first_step_and_the_average_afte
 
 def test_checkpoints_hold_the_ema_update_and_load_for_evaluation(runs):
     cfg, _ = runs["pi05_libero"]
-    (ema1, _), (ema2, loaded_cfg) = (checkpoint.load_trained(cfg.run_dir / "checkpoints" / str(s)) for s in (1, 2))
-    params2, _ = checkpoint.load_trained(cfg.run_dir, params="params")
+    (ema1, _), (ema2, loaded_cfg) = (checkpoints.load_trained(cfg.run_dir / "checkpoints" / str(s)) for s in (1, 2))
+    params2, _ = checkpoints.load_trained(cfg.run_dir, params="params")
     assert loaded_cfg == cfg
     expected = ema_update(ema1, params2, cfg.ema_decay)
     for got, want in zip(jax.tree.leaves(ema2), jax.tree.leaves(expected)):
@@ -122,7 +122,7 @@ def test_checkpoints_hold_the_ema_update_and_load_for_evaluation(runs):
 def test_lora_trains_adapters_and_openpis_unfrozen_parts_only(runs):
     cfg, _ = runs["lora_wristonly_zero_p1"]
     start = initial_state(cfg, make_mesh(1))  # what train() started from: the base checkpoint + fresh adapters
-    before, (after, _) = start.model(), checkpoint.load_trained(cfg.run_dir, params="params")
+    before, (after, _) = start.model(), checkpoints.load_trained(cfg.run_dir, params="params")
     assert not np.any(before.llm.layers[0].attn.q_einsum.lora_b)  # LoRA starts as the base model
     for i in (0, 1):  # the LLM and the action expert: both LoRA in this variant
         old, new = before.llm.layers[i], after.llm.layers[i]
@@ -142,8 +142,8 @@ def test_lora_trains_adapters_and_openpis_unfrozen_parts_only(runs):
 def test_an_unfinished_save_does_not_replace_the_latest_checkpoint(runs):
     cfg, _ = runs["pi05_libero"]
     (cfg.run_dir / "checkpoints" / "7.orbax-checkpoint-tmp-1234").mkdir()  # a save killed mid-way
-    assert checkpoint.manager(cfg.run_dir / "checkpoints").latest_step() == 2
-    assert checkpoint.step_dir(cfg.run_dir).name == "2"
+    assert checkpoints.manager(cfg.run_dir / "checkpoints").latest_step() == 2
+    assert checkpoints.step_dir(cfg.run_dir).name == "2"
 
 
 def test_resume_continues_bit_identically(demo_data, tmp_path):
@@ -152,7 +152,7 @@ def test_resume_continues_bit_identically(demo_data, tmp_path):
     resumed = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=6, save_interval=3, resume=True))
     assert [r["loss"] for r in first + resumed] == [r["loss"] for r in straight]
     assert [r["step"] for r in read(tmp_path / "b" / "metrics.jsonl")] == list(range(6))
-    a, b = (checkpoint.load_trained(tmp_path / x, params="params")[0] for x in ("a", "b"))
+    a, b = (checkpoints.load_trained(tmp_path / x, params="params")[0] for x in ("a", "b"))
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     with pytest.raises(FileExistsError, match="--resume"):  # an existing run is never silently restarted
         train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=6))
@@ -162,7 +162,7 @@ def test_resume_continues_bit_identically(demo_data, tmp_path):
         train(changed)  # --resume continues the same run, or says which settings differ
     again = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=3, save_interval=3, overwrite=True))
     assert [r["loss"] for r in again] == [r["loss"] for r in first]  # --overwrite: started over
-    assert checkpoint.manager(tmp_path / "b" / "checkpoints").all_steps() == [3]
+    assert checkpoints.manager(tmp_path / "b" / "checkpoints").all_steps() == [3]
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(runs, demo_data, tmp_path):
@@ -175,4 +175,4 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
                               data=dataclasses.replace(cfg.data, norm_stats=tmp_path / "nan_stats.json"))
     with pytest.raises(FloatingPointError, match=r"at step 2: stopped; the last good checkpoint is step 2"):
         train(bad)
-    assert checkpoint.manager(tmp_path / "run" / "checkpoints").all_steps() == [1, 2]
+    assert checkpoints.manager(tmp_path / "run" / "checkpoints").all_steps() == [1, 2]

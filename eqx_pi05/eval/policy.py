@@ -88,7 +88,7 @@ def load_policy(
     """The policy of a train.py checkpoint: its model (EMA params by default), with the transform
     chain and eval-time camera removal of its training config, tokenizer and norm stats from the
     paths that config names."""
-    from eqx_pi05.train.checkpoint import load_trained, step_dir  # noqa: PLC0415 - orbax only here
+    from eqx_pi05.checkpoints import load_trained, step_dir  # noqa: PLC0415 - orbax only here
 
     directory = step_dir(checkpoint)
     model, cfg = load_trained(directory, params=params)

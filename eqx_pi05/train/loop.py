@@ -16,11 +16,10 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from eqx_pi05.compact import drop_cameras, removable_cameras
+from eqx_pi05 import checkpoints
 from eqx_pi05.config import IMAGE_KEYS
-from eqx_pi05.convert.openpi import load_checkpoint
 from eqx_pi05.data.pipeline import make_data_loader
 from eqx_pi05.model import Pi05
-from eqx_pi05.train import checkpoint
 from eqx_pi05.train.config import TrainConfig, to_json
 from eqx_pi05.train.metrics import MetricsLog
 from eqx_pi05.train.optimizer import make_optimizer
@@ -54,7 +53,7 @@ def initial_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
         return init()
     if not pathlib.Path(cfg.weights).is_dir():
         raise FileNotFoundError(f"weights: no openpi params checkpoint at {cfg.weights} (use --weights PATH, or --preset demo)")
-    return init(load_checkpoint(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None))
+    return init(checkpoints.load_weights(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None))
 
 
 def _state_key(cfg: TrainConfig, mesh: Mesh) -> tuple:
@@ -79,9 +78,9 @@ def load_teacher(cfg: TrainConfig) -> Pi05 | None:
     if d is None or d.teacher != "checkpoint":
         return None
     try:
-        teacher, _ = checkpoint.load_trained(d.teacher_checkpoint)
+        teacher, _ = checkpoints.load_trained(d.teacher_checkpoint)
     except FileNotFoundError:
-        teacher = load_checkpoint(d.teacher_checkpoint, cfg.model)
+        teacher = checkpoints.load_weights(d.teacher_checkpoint, cfg.model)
     return jax.tree.map(lambda x: x.astype(teacher.config.dtype), teacher)
 
 
@@ -104,7 +103,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
         multihost_utils.sync_global_devices("overwrite")
-    mgr = checkpoint.manager(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoint)
+    mgr = checkpoints.manager(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoint)
     if mgr.latest_step() is not None and not cfg.resume:
         raise FileExistsError(f"{out} holds checkpoints (latest step {mgr.latest_step()}): pass --resume to continue, "
                               "--overwrite to start over, or another --output-dir")
@@ -112,9 +111,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     shardings = fsdp_shardings(shapes, mesh, cfg.fsdp_min_bytes)
     data_iter = iter(make_data_loader(cfg.data))
     if cfg.resume and mgr.latest_step() is not None:
-        check_resume_config(checkpoint.read_config(out / "checkpoints"), cfg)
+        check_resume_config(checkpoints.read_config(out / "checkpoints"), cfg)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-        state = checkpoint.restore(mgr, target, data_iter)
+        state = checkpoints.restore(mgr, target, data_iter)
     else:
         state = initial_state(cfg, mesh)
     teacher = load_teacher(cfg)
@@ -154,7 +153,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         bar.set_postfix(loss=f"{record['loss']:.4f}", p=f"{record['p']:.2f}")
         pending, t0 = [], time.perf_counter()
         if done % cfg.save_interval == 0 or done == n:
-            checkpoint.save(mgr, state, data_iter, cfg)
+            checkpoints.save(mgr, state, data_iter, cfg)
     mgr.wait_until_finished()
     log.close()
     return records

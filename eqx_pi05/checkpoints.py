@@ -1,4 +1,11 @@
-"""Checkpoints: orbax CheckpointManager under OUTPUT_DIR/checkpoints/<step>/ with the items
+"""Every checkpoint reader and writer: the one module train, eval and serve call.
+
+- openpi params (orbax PyTree, released or trainer layout): `load_openpi` (eqx_pi05.convert.openpi);
+- LeRobot `model.safetensors`: `load_lerobot` (eqx_pi05.convert.lerobot);
+- `load_weights` picks one of the two by what is on disk;
+- our trainer layout, below.
+
+Trainer layout: orbax CheckpointManager under OUTPUT_DIR/checkpoints/<step>/ with the items
 
     params   the model (trainable + frozen leaves), an eqx Pi05 tree
     ema      the EMA of the trainable leaves (absent when ema_decay is None)
@@ -13,6 +20,7 @@ background (`async_checkpoint`), and keep the newest `keep_checkpoints`.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import equinox as eqx
@@ -20,11 +28,24 @@ import jax
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
+from eqx_pi05.config import Pi05Config
+from eqx_pi05.convert import lerobot, openpi
 from eqx_pi05.convert.openpi import abstract_model
 from eqx_pi05.model import Pi05
 from eqx_pi05.train.config import TrainConfig, from_json, to_json
 from eqx_pi05.train.optimizer import trainable_filter
-from eqx_pi05.train.state import TrainState
+
+load_openpi = openpi.load_checkpoint
+load_lerobot = lerobot.load
+
+
+def load_weights(path: str | os.PathLike, config: Pi05Config, *, lora_seed: int | None = None) -> Pi05:
+    """A model of `config` from an openpi params checkpoint or a LeRobot `model.safetensors` (a file,
+    or a directory holding one). `lora_seed`: initialise the LoRA adapters the weights lack."""
+    path = pathlib.Path(path)
+    if path.suffix == ".safetensors" or (path / "model.safetensors").is_file():
+        return load_lerobot(path, config, lora_seed=lora_seed)
+    return load_openpi(path, config, lora_seed=lora_seed)
 
 
 def manager(directory: pathlib.Path, keep: int = 1, async_save: bool = True) -> ocp.CheckpointManager:
@@ -32,7 +53,7 @@ def manager(directory: pathlib.Path, keep: int = 1, async_save: bool = True) -> 
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
 
-def save(mgr: ocp.CheckpointManager, state: TrainState, data_iter, cfg: TrainConfig) -> int:
+def save(mgr: ocp.CheckpointManager, state, data_iter, cfg: TrainConfig) -> int:
     """Save `state` as checkpoint <state.step>; returns that step."""
     step = int(state.step)
     items = dict(
@@ -47,9 +68,10 @@ def save(mgr: ocp.CheckpointManager, state: TrainState, data_iter, cfg: TrainCon
     return step
 
 
-def restore(mgr: ocp.CheckpointManager, target: TrainState, data_iter, step: int | None = None) -> TrainState:
+def restore(mgr: ocp.CheckpointManager, target, data_iter, step: int | None = None):
     """The state of checkpoint `step` (default: the latest) laid out like `target` (abstract leaves
-    with shardings); `data_iter` is moved to where that run's iterator was."""
+    with shardings; a train.state.TrainState, of whose type the result is); `data_iter` is moved to
+    where that run's iterator was."""
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
@@ -63,7 +85,7 @@ def restore(mgr: ocp.CheckpointManager, target: TrainState, data_iter, step: int
     out = mgr.restore(step, args=ocp.args.Composite(**items))
     params, frozen = eqx.partition(out["params"], trainable_filter(out["params"]))
     train = out["train"]
-    return TrainState(step=train["step"], params=params, frozen=frozen, opt_state=train["opt_state"],
+    return type(target)(step=train["step"], params=params, frozen=frozen, opt_state=train["opt_state"],
                       ema=out["ema"] if target.ema is not None else None, rng=train["rng"])
 
 
