@@ -18,8 +18,10 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import tyro
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
+from eqx_pi05.logs import setup_logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Args:
     params: Literal["ema", "params"] = "ema"
     # Env seed (the reference's 7); also part of the output directory's identity for resuming.
     seed: int = 7
+    # Show the libraries' INFO logs (absl, orbax, robosuite); by default one line per phase and a bar.
+    verbose: bool = False
 
     def config(self) -> EvalConfig:
         ckpt = self.checkpoint.resolve()  # a run dir, or a step dir <run>/checkpoints/<N>
@@ -62,12 +66,17 @@ def main(
     if (policy is None) != (info is None):
         raise ValueError("evaluate.main: pass both `policy` and `info`, or neither (then the checkpoint's is built)")
     if policy is None:
+        from eqx_pi05 import preflight  # noqa: PLC0415
         from eqx_pi05.eval.policy import load_policy  # noqa: PLC0415 - JAX and the model only when needed
 
+        preflight.exit_if_missing(preflight.checkpoint_inputs(args.checkpoint, simulator=make_env is None), "evaluate.py")
+        logging.getLogger("eqx_pi05.eval").info("loading %s", args.checkpoint)
         policy, info = load_policy(args.checkpoint, params=args.params, batch_size=args.num_envs)
     return evaluate(args.config(), policy, info, tasks=tasks, make_env=make_env)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(tyro.cli(Args))
+    cli = tyro.cli(Args)
+    setup_logging(cli.verbose)
+    with logging_redirect_tqdm():
+        main(cli)

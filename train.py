@@ -3,11 +3,9 @@
     python train.py --variant NAME [--preset demo] [--num-train-steps N] [--output-dir DIR] [--resume]
                     [any field of the variant's TrainConfig: --distill.lam 0.5, --data.batch-size 64, ...]
 
-Variants: pi05_libero (both cameras), wristonly_zero (B1), wristonly_physdrop (B2), curriculum_only
-(B3), selfdistill_only (B4), curric_selfdistill (B5), lora_wristonly_zero_p05, lora_wristonly_zero_p1.
-`--preset demo` trains the variant on the tiny model and the synthetic demo dataset (written to
-~/.cache/eqx_pi05/demo_dataset on first use), a minute or two on a CPU.
-`python train.py --variant NAME --help` lists every field of that variant with its value.
+`python train.py --help` lists the variants and the common flags; `python train.py --variant NAME
+--help` every field of that variant with its value. Before anything is built, every input the run
+reads is checked and all the missing ones are listed at once, each with the command that gets it.
 """
 
 from __future__ import annotations
@@ -19,10 +17,43 @@ import sys
 
 import jax
 import tyro
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from eqx_pi05.train.config import VARIANTS, TrainConfig, demo
+from eqx_pi05 import preflight
+from eqx_pi05.logs import setup_logging
+from eqx_pi05.train.config import SUMMARIES, VARIANTS, TrainConfig, demo
 
 DEMO_DATA = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "eqx_pi05" / "demo_dataset"
+
+
+# The flags most runs touch (every field is a flag: `--variant NAME --help` lists them all).
+COMMON_FLAGS = (
+    ("--preset demo", "the tiny model on the synthetic demo dataset: the whole path on a CPU in minutes"),
+    ("--num-train-steps N", "steps to train (a --resume may extend them)"),
+    ("--output-dir DIR", "where the run goes (default outputs/NAME; the demo: outputs/NAME_demo)"),
+    ("--resume", "continue the run in --output-dir from its latest checkpoint"),
+    ("--overwrite", "start over in an --output-dir that holds checkpoints"),
+    ("--weights PATH|gs://...|None", "openpi params to start from (default checkpoints/pi05_base/params)"),
+    ("--data.dataset DIR|HF_ID", "LeRobot dataset directory, or a Hugging Face dataset id (physical-intelligence/libero)"),
+    ("--data.norm-stats FILE", "norm_stats.json (python -m eqx_pi05.data.norm_stats DATASET --output FILE)"),
+    ("--data.tokenizer FILE", "PaliGemma SentencePiece model"),
+    ("--data.batch-size N", "global batch size"),
+    ("--fsdp-devices N", "shard params and optimizer state over N devices"),
+    ("--wandb [--wandb-offline]", "also log to Weights & Biases"),
+    ("--verbose", "show the libraries' INFO logs (absl, orbax, ...)"),
+)
+
+
+def overview() -> str:
+    """`python train.py --help`: the variants, one line each, and the common flags."""
+    width = max(map(len, VARIANTS)) + 2
+    lines = ["usage: python train.py --variant NAME [--preset demo] [flags]", "", "variants:"]
+    lines += [f"  {name:<{width}}{SUMMARIES[name]}" for name in VARIANTS]
+    lines += ["", "common flags:"]
+    width = max(len(flag) for flag, _ in COMMON_FLAGS) + 2
+    lines += [f"  {flag:<{width}}{text}" for flag, text in COMMON_FLAGS]
+    lines += ["", "python train.py --variant NAME --help lists every field of that variant with its value."]
+    return "\n".join(lines)
 
 
 def parse(argv: list[str]) -> TrainConfig:
@@ -32,9 +63,9 @@ def parse(argv: list[str]) -> TrainConfig:
     known, rest = pre.parse_known_args(argv)
     if known.variant is None:
         if {"-h", "--help"} & set(rest):
-            print(__doc__)
+            print(overview())
             sys.exit(0)
-        pre.error(f"--variant is required: one of {', '.join(VARIANTS)}")
+        pre.error(f"--variant is required: one of {', '.join(VARIANTS)} (python train.py --help describes them)")
     default = VARIANTS[known.variant]
     if known.preset == "demo":
         default = demo(default, DEMO_DATA)
@@ -43,15 +74,21 @@ def parse(argv: list[str]) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    setup_logging(verbose="--verbose" in argv)
+    cfg = parse([a for a in argv if a != "--verbose"])
     from eqx_pi05.train.loop import ensure_demo_dataset, train  # noqa: PLC0415 - orbax, grain: after the CLI parsed
 
-    # As openpi: compiled steps persist across runs (a rerun of the demo skips its ~half-minute compiles).
-    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "jax"))
     if cfg.data.dataset == DEMO_DATA:
         ensure_demo_dataset(DEMO_DATA)
+    cfg, missing = preflight.train_inputs(cfg)
+    demo_hint = "" if cfg.data.dataset == DEMO_DATA else f"To try the whole path first: python train.py --variant {cfg.name} --preset demo"
+    preflight.exit_if_missing(missing, "train.py", demo_hint)
+    # As openpi: compiled steps persist across runs (a rerun of the demo skips its ~half-minute compiles).
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "jax"))
     try:
-        records = train(cfg)
+        with logging_redirect_tqdm():  # phase lines above the progress bar, not through it
+            records = train(cfg)
     except FloatingPointError as e:
         sys.exit(f"train.py: {e}")
     if records:

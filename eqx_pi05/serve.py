@@ -260,9 +260,15 @@ class Args:
     """Loopback by default; give 0.0.0.0 to serve a robot on another machine."""
     params: Literal["ema", "params"] = "ema"
     """Which weights: the EMA (default, as openpi serves) or the raw params."""
+    verbose: bool = False
+    """Show the libraries' INFO logs (absl, orbax); by default one line per phase and per connection."""
 
 
 def main(args: Args) -> None:
+    from eqx_pi05 import preflight
+
+    preflight.exit_if_missing(preflight.checkpoint_inputs(args.checkpoint), "python -m eqx_pi05.serve")
+    log.info("loading %s and compiling the policy", args.checkpoint)
     policy, metadata = load(args.checkpoint, args.params)
     asyncio.run(serve(policy, metadata, args.host, args.port, asyncio.Event(),
                       lambda port: log.info("serving %s on ws://%s:%d", args.checkpoint, args.host, port)))
@@ -271,5 +277,8 @@ def main(args: Args) -> None:
 if __name__ == "__main__":
     import tyro
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(tyro.cli(Args))
+    from eqx_pi05.logs import setup_logging
+
+    cli = tyro.cli(Args)
+    setup_logging(cli.verbose)
+    main(cli)

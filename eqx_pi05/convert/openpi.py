@@ -157,11 +157,13 @@ def _unflatten(flat: Mapping[str, object]) -> dict:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Flat {openpi path: numpy array} from an openpi params checkpoint directory (released or trainer
-    layout; a trailing `value` on every path is dropped, as openpi's `restore_params` does)."""
+    layout; a trailing `value` on every path is dropped, as openpi's `restore_params` does). A URL
+    (gs://openpi-assets/checkpoints/pi05_base/params) goes to orbax as it is: orbax reads it."""
     import orbax.checkpoint as ocp
+    from etils import epath
 
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
+    if not path.is_dir():
         raise FileNotFoundError(f"openpi params checkpoint {path}: no such directory")
     with ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(path)

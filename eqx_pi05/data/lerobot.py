@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from eqx_pi05.data import images as _images
 
@@ -90,7 +91,8 @@ class LeRobotSource:
 
     def _read_columns(self) -> None:
         columns = {name: [] for name in (*INDEX_COLUMNS, "timestamp", *VECTOR_FEATURES.values(), "file", "row")}
-        for file_id, path in enumerate(self.files):
+        files = tqdm(self.files, desc=f"reading {self.root.name}", unit="file", leave=False, disable=len(self.files) < 10)
+        for file_id, path in enumerate(files):
             schema = pq.read_schema(path)
             wanted = [*INDEX_COLUMNS, *VECTOR_FEATURES.values(), *self._parquet_image_features()]
             missing = [c for c in wanted if c not in schema.names]

@@ -2,6 +2,9 @@
 
     python -m eqx_pi05.data.norm_stats DATASET [--output FILE] [--action-horizon 10]
 
+DATASET is a LeRobot dataset directory or a Hugging Face dataset id (physical-intelligence/libero,
+read from the hub cache, downloaded into it when not there).
+
 Statistics are over the same vectors openpi's `compute_norm_stats.py` sees: the state of every
 frame, and every action of every frame's `action_horizon` chunk (so actions near an episode's end
 count more, as there). Quantiles are exact (`np.quantile`), where openpi approximates them with
@@ -95,8 +98,10 @@ def main(
     action_horizon: int = 10,
 ) -> None:
     """Compute norm stats of a LeRobot dataset; write DATASET/norm_stats.json unless --output says where."""
+    from eqx_pi05.data import hub  # noqa: PLC0415
     from eqx_pi05.data.lerobot import LeRobotSource  # the reader is heavier than this module
 
+    dataset = hub.resolve(dataset)
     source = LeRobotSource(dataset, action_horizon=action_horizon)
     path = save(compute_dataset_stats(source), output or dataset / "norm_stats.json")
     print(f"wrote {path}: {len(source)} frames, {source.num_episodes} episodes")

@@ -131,7 +131,9 @@ class TrainConfig:
     optimizer: AdamW = AdamW()
     distill: DistillConfig | None = None  # in-loss camera removal and distillation (B3-B5)
     seed: int = 42  # model init and the per-step RNG (data shuffling: data.seed)
-    weights: pathlib.Path | None = None  # openpi params checkpoint to start from; None: random init
+    # openpi params checkpoint to start from: a directory or a URL orbax reads (gs://...); None: random init.
+    # A string, not a Path: a Path would fold gs:// into gs:/.
+    weights: str | None = None
     augment: bool = True  # openpi's train-time image augmentation (eqx_pi05.augment)
     output_dir: pathlib.Path | None = None  # checkpoints/, metrics.jsonl, config.json; default outputs/<name>
     resume: bool = False  # continue from the latest checkpoint in output_dir
@@ -207,7 +209,7 @@ PI05_LIBERO = TrainConfig(
     lr=LRSchedule(warmup_steps=10_000, peak_lr=5e-5, decay_steps=1_000_000, decay_lr=5e-5),
     ema_decay=0.999,
     num_train_steps=30_000,
-    weights=pathlib.Path("checkpoints/pi05_base/params"),
+    weights="checkpoints/pi05_base/params",
 )
 
 
@@ -221,30 +223,32 @@ def _data(**changes) -> DataConfig:
 
 _LORA_MODEL = pi05_full(action_horizon=10, paligemma=GEMMA_2B_LORA, action_expert=GEMMA_300M_LORA)
 
-VARIANTS: dict[str, TrainConfig] = {
-    c.name: c
-    for c in (
-        PI05_LIBERO,
-        # B1: agentview pixels zeroed, mask True (train only).
-        _variant("wristonly_zero", data=_data(view_dropout=ViewDropoutConfig(seed=42, train=AGENTVIEW))),
-        # B2: agentview mask False at train and eval: its tokens leave the sequence.
-        _variant("wristonly_physdrop", data=_data(view_remove=ViewRemoveConfig(seed=42, train=AGENTVIEW, eval=AGENTVIEW))),
-        # B3: curriculum removal in the loss, no teacher terms.
-        _variant("curriculum_only", data=_data(view_remove=EVAL_WRIST_ONLY),
-                 distill=DistillConfig(lam=0.0, anchor_frac=0.0, schedule="curriculum", curriculum_frac=0.75)),
-        # B4: student always wrist-only, live self-teacher.
-        _variant("selfdistill_only", data=_data(view_remove=EVAL_WRIST_ONLY),
-                 distill=DistillConfig(lam=1.0, anchor_frac=0.15, schedule="constant", p=1.0, teacher="self")),
-        # B5: the report's full method.
-        _variant("curric_selfdistill", data=_data(view_remove=EVAL_WRIST_ONLY),
-                 distill=DistillConfig(lam=1.0, anchor_frac=0.15, schedule="curriculum", curriculum_frac=0.75, teacher="self")),
-        # LoRA reference rows (issue #5): both experts LoRA, EMA off (openpi's LoRA configs).
-        _variant("lora_wristonly_zero_p05", model=_LORA_MODEL, ema_decay=None,
-                 data=_data(view_dropout=ViewDropoutConfig(seed=42, train=CameraProbs(agentview=0.5)))),
-        _variant("lora_wristonly_zero_p1", model=_LORA_MODEL, ema_decay=None,
-                 data=_data(view_dropout=ViewDropoutConfig(seed=42, train=AGENTVIEW))),
-    )
-}
+# (config, the one line `python train.py --help` shows for it)
+_TABLE: tuple[tuple[TrainConfig, str], ...] = (
+    (PI05_LIBERO, "both cameras: openpi's recipe, full fine-tune from pi05_base (the reference row)"),
+    (_variant("wristonly_zero", data=_data(view_dropout=ViewDropoutConfig(seed=42, train=AGENTVIEW))),
+     "B1: agentview pixels zeroed, its mask kept True (train only)"),
+    (_variant("wristonly_physdrop", data=_data(view_remove=ViewRemoveConfig(seed=42, train=AGENTVIEW, eval=AGENTVIEW))),
+     "B2: agentview removed (mask False, its tokens leave the sequence) at train and eval"),
+    (_variant("curriculum_only", data=_data(view_remove=EVAL_WRIST_ONLY),
+              distill=DistillConfig(lam=0.0, anchor_frac=0.0, schedule="curriculum", curriculum_frac=0.75)),
+     "B3: agentview removed in the loss with the curriculum p(step), no teacher terms"),
+    (_variant("selfdistill_only", data=_data(view_remove=EVAL_WRIST_ONLY),
+              distill=DistillConfig(lam=1.0, anchor_frac=0.15, schedule="constant", p=1.0, teacher="self")),
+     "B4: student always wrist-only, distilled from the live both-camera model (lam 1, anchor 0.15)"),
+    (_variant("curric_selfdistill", data=_data(view_remove=EVAL_WRIST_ONLY),
+              distill=DistillConfig(lam=1.0, anchor_frac=0.15, schedule="curriculum", curriculum_frac=0.75, teacher="self")),
+     "B5, the report's method: curriculum removal + self-distillation"),
+    # LoRA reference rows (issue #5): both experts LoRA, EMA off (openpi's LoRA configs).
+    (_variant("lora_wristonly_zero_p05", model=_LORA_MODEL, ema_decay=None,
+              data=_data(view_dropout=ViewDropoutConfig(seed=42, train=CameraProbs(agentview=0.5)))),
+     "LoRA row: both experts LoRA, EMA off, agentview zeroed with p=0.5"),
+    (_variant("lora_wristonly_zero_p1", model=_LORA_MODEL, ema_decay=None,
+              data=_data(view_dropout=ViewDropoutConfig(seed=42, train=AGENTVIEW))),
+     "LoRA row: both experts LoRA, EMA off, agentview zeroed with p=1"),
+)
+VARIANTS: dict[str, TrainConfig] = {c.name: c for c, _ in _TABLE}
+SUMMARIES: dict[str, str] = {c.name: line for c, line in _TABLE}
 
 
 # ---------------------------------------------------------------------------------------------------

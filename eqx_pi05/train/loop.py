@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pathlib
 import secrets
@@ -28,6 +29,8 @@ from eqx_pi05.train.state import TrainState, init_state
 from eqx_pi05.train.step import FAST_COMPILE, StepConfig, abstract, make_train_step
 from eqx_pi05.views import CAMERA_SLOTS
 
+logger = logging.getLogger(__name__)  # the phase lines (train.py shows INFO; `log` below is the metrics log)
+
 
 def ensure_demo_dataset(directory: pathlib.Path) -> pathlib.Path:
     """Write the synthetic demo dataset (eqx_pi05.data.make_demo_dataset) unless it is there; built
@@ -50,9 +53,9 @@ def initial_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
     adapters it lacks initialised), or a random init computed directly into its shards."""
     _, init = _state_program(*_state_key(cfg, mesh))
     if cfg.weights is None:
+        logger.info("initialising the model at random")
         return init()
-    if not pathlib.Path(cfg.weights).is_dir():
-        raise FileNotFoundError(f"weights: no openpi params checkpoint at {cfg.weights} (use --weights PATH, or --preset demo)")
+    logger.info("loading the weights %s", cfg.weights)
     return init(checkpoints.load_weights(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None))
 
 
@@ -109,10 +112,12 @@ def train(cfg: TrainConfig) -> list[dict]:
                               "--overwrite to start over, or another --output-dir")
     shapes, _ = _state_program(*_state_key(cfg, mesh))
     shardings = fsdp_shardings(shapes, mesh, cfg.fsdp_min_bytes)
+    logger.info("loading the dataset %s", cfg.data.dataset)
     data_iter = iter(make_data_loader(cfg.data))
     if cfg.resume and mgr.latest_step() is not None:
         check_resume_config(checkpoints.read_config(out / "checkpoints"), cfg)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+        logger.info("resuming from checkpoint %d in %s", mgr.latest_step(), mgr.directory)
         state = checkpoints.restore(mgr, target, data_iter)
     else:
         state = initial_state(cfg, mesh)
@@ -130,7 +135,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     suffix = "" if main else f".process{jax.process_index()}"
     log = MetricsLog(out / f"metrics{suffix}.jsonl", fresh=start == 0, wandb_run=_wandb_run(cfg, fresh=start == 0) if cfg.wandb and main else None)
     records, pending, t0 = [], [], time.perf_counter()
-    bar = tqdm(range(start, n), initial=start, total=n, disable=not main, desc=cfg.name)
+    compiled = set()  # (camera set, batch shapes) of the step programs built so far
+    logger.info("training %s, steps %d to %d, into %s", cfg.name, start, n, out)
+    bar = tqdm(range(start, n), initial=start, total=n, disable=not main, desc=cfg.name, unit="step")
     for step in bar:
         batch = next(data_iter)
         missing = set(always_removed) - set(removable_cameras(batch["image_mask"]))
@@ -138,7 +145,15 @@ def train(cfg: TrainConfig) -> list[dict]:
             raise ValueError(f"step {step}: slots {sorted(missing)} should be masked in every row by the config, but are not")
         p = 0.0 if cfg.distill is None else cfg.distill.p_at(step, n)
         batch = global_batch(drop_cameras(batch, always_removed), mesh)
-        state, metrics = step_fn(state, batch, np.float32(p), teacher, cfg.distill is not None and p >= 1.0)
+        wrist_only = cfg.distill is not None and p >= 1.0
+        program = (wrist_only, tuple((jax.tree_util.keystr(k), x.shape) for k, x in jax.tree_util.tree_leaves_with_path(batch)))
+        if program not in compiled:  # the call compiles before it dispatches: minutes on a CPU, so say so
+            logger.info("compiling the training step (once per camera set / prompt bucket)...")
+            compile_start = time.perf_counter()
+        state, metrics = step_fn(state, batch, np.float32(p), teacher, wrist_only)
+        if program not in compiled:
+            compiled.add(program)
+            logger.info("compiled in %.0f s", time.perf_counter() - compile_start)
         pending.append(metrics)
         done = step + 1
         if done % cfg.log_interval and done % cfg.save_interval and done != n:
@@ -153,6 +168,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         bar.set_postfix(loss=f"{record['loss']:.4f}", p=f"{record['p']:.2f}")
         pending, t0 = [], time.perf_counter()
         if done % cfg.save_interval == 0 or done == n:
+            logger.info("saving checkpoint %d in %s", done, mgr.directory)
             checkpoints.save(mgr, state, data_iter, cfg)
     mgr.wait_until_finished()
     log.close()
