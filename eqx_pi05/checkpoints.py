@@ -42,9 +42,9 @@ load_lerobot = lerobot.load
 def load_weights(path: str | os.PathLike, config: Pi05Config, *, lora_seed: int | None = None) -> Pi05:
     """A model of `config` from an openpi params checkpoint or a LeRobot `model.safetensors` (a file,
     or a directory holding one). `lora_seed`: initialise the LoRA adapters the weights lack."""
-    path = pathlib.Path(path)
-    if path.suffix == ".safetensors" or (path / "model.safetensors").is_file():
-        return load_lerobot(path, config, lora_seed=lora_seed)
+    local = pathlib.Path(path)  # a URL (gs://...) stays a string: orbax reads it, a Path would fold gs:// into gs:/
+    if "://" not in str(path) and (local.suffix == ".safetensors" or (local / "model.safetensors").is_file()):
+        return load_lerobot(local, config, lora_seed=lora_seed)
     return load_openpi(path, config, lora_seed=lora_seed)
 
 

@@ -69,13 +69,17 @@ def _norm_stats(path: pathlib.Path, dataset: str, flag: str) -> list[Missing]:
 
 
 def _params(path: str | os.PathLike, what: str, fix: str) -> list[Missing]:
-    """An openpi params checkpoint: a local directory, or a URL orbax reads (gs:// through gcsfs)."""
+    """Weights: an openpi params directory or a URL orbax reads (gs:// through gcsfs), or a LeRobot
+    model.safetensors (a file, or a directory holding one)."""
     if is_remote(path):
         if str(path).startswith("gs://") and not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
             return [Missing(what, f"{path}: reading gs:// needs gcsfs (or tensorflow), neither is installed",
                             "pip install gcsfs   (and `gcloud auth application-default login` for private buckets)")]
         return []  # checked when orbax opens it: there is no offline way to look
-    return [] if pathlib.Path(path).is_dir() else [Missing(what, f"{path}: no such directory", fix)]
+    local = pathlib.Path(path)
+    if local.is_dir() or (local.suffix == ".safetensors" and local.is_file()):
+        return []
+    return [Missing(what, f"{path}: no such directory", fix)]
 
 
 def _has_checkpoint(run_dir: pathlib.Path) -> bool:
@@ -115,7 +119,7 @@ def train_inputs(cfg: TrainConfig) -> tuple[TrainConfig, list[Missing]]:
 
 def checkpoint_inputs(checkpoint: pathlib.Path, simulator: bool = False) -> list[Missing]:
     """What evaluating (`simulator=True`) or serving a train.py checkpoint needs that is not there."""
-    from eqx_pi05.train.checkpoint import read_config, step_dir  # noqa: PLC0415 - orbax only here
+    from eqx_pi05.checkpoints import read_config, step_dir  # noqa: PLC0415 - orbax only here
 
     missing = []
     try:
