@@ -28,6 +28,7 @@ from eqx_pi05.data.transforms import Transforms, libero_outputs, make_transforms
 from eqx_pi05.eval.rollout import Policy
 from eqx_pi05.eval.run import PolicyInfo
 from eqx_pi05.model import Observation, Pi05, sample_actions
+from eqx_pi05.prompt import trim_prompt
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ def make_policy(
         pad = max(0, (batch_size or n) - n)
         batch = stack(samples + samples[-1:] * pad)
         eps = jnp.stack([noise(s) for s in seeds + seeds[-1:] * pad])
-        # Slots no row attends to (the padding slot; agentview under view_remove) are left out: the same
-        # function, without their image tower and tokens.
-        actions = sample_actions(model, Observation.from_batch(compact(batch)), eps, num_steps=num_steps)
+        # Slots no row attends to (the padding slot; agentview under view_remove) and the prompt's
+        # trailing padding (to a bucket) are left out: the same function, without their tokens.
+        obs = Observation.from_batch(trim_prompt(compact(batch)))
+        actions = sample_actions(model, obs, eps, num_steps=num_steps)
         return libero_outputs(np.asarray(actions)[:n], norm_stats)
 
     return policy

@@ -21,6 +21,7 @@ from eqx_pi05 import checkpoints
 from eqx_pi05.config import IMAGE_KEYS
 from eqx_pi05.data.pipeline import make_data_loader
 from eqx_pi05.model import Pi05
+from eqx_pi05.prompt import prompt_length, trim_prompt
 from eqx_pi05.train.config import TrainConfig, to_json
 from eqx_pi05.train.metrics import MetricsLog
 from eqx_pi05.train.optimizer import make_optimizer
@@ -144,7 +145,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         if missing:
             raise ValueError(f"step {step}: slots {sorted(missing)} should be masked in every row by the config, but are not")
         p = 0.0 if cfg.distill is None else cfg.distill.p_at(step, n)
-        batch = global_batch(drop_cameras(batch, always_removed), mesh)
+        batch = trim_prompt(drop_cameras(batch, always_removed), length=_global_prompt_length(batch))
+        batch = global_batch(batch, mesh)
         wrist_only = cfg.distill is not None and p >= 1.0
         program = (wrist_only, tuple((jax.tree_util.keystr(k), x.shape) for k, x in jax.tree_util.tree_leaves_with_path(batch)))
         if program not in compiled:  # the call compiles before it dispatches: minutes on a CPU, so say so
@@ -173,6 +175,17 @@ def train(cfg: TrainConfig) -> list[dict]:
     mgr.wait_until_finished()
     log.close()
     return records
+
+
+def _global_prompt_length(batch: dict) -> int:
+    """The longest valid prompt over every process's rows: all processes cut their rows to one width
+    (a small all-gather per step on a multi-host run; none on one host)."""
+    length = prompt_length(batch["tokenized_prompt_mask"])
+    if jax.process_count() == 1:
+        return length
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(length))))
 
 
 # Fields a resumed run may change: how it runs, not what it trains (num_train_steps extends a run;
