@@ -1,6 +1,6 @@
 """Train a π0.5 variant of the research report.
 
-    python train.py --variant NAME [--preset demo] [--num-train-steps N] [--output-dir DIR] [--resume]
+    python train.py --variant NAME [--preset demo|closed_loop] [--num-train-steps N] [--output-dir DIR] [--resume]
                     [any field of the variant's TrainConfig: --distill.lam 0.5, --data.batch-size 64, ...]
 
 `python train.py --help` lists the variants and the common flags; `python train.py --variant NAME
@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from eqx_pi05 import preflight
 from eqx_pi05.logs import setup_logging
-from eqx_pi05.train.config import SUMMARIES, VARIANTS, TrainConfig, demo
+from eqx_pi05.train.config import SUMMARIES, VARIANTS, TrainConfig, closed_loop, demo
 
 DEMO_DATA = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "eqx_pi05" / "demo_dataset"
 
@@ -29,6 +29,7 @@ DEMO_DATA = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / 
 # The flags most runs touch (every field is a flag: `--variant NAME --help` lists them all).
 COMMON_FLAGS = (
     ("--preset demo", "the tiny model on the synthetic demo dataset: the whole path on a CPU in minutes"),
+    ("--preset closed_loop", "a small from-scratch model on recorded LIBERO demos in data/closed_loop (experiments/closed_loop)"),
     ("--num-train-steps N", "steps to train (a --resume may extend them)"),
     ("--output-dir DIR", "where the run goes (default outputs/NAME; the demo: outputs/NAME_demo)"),
     ("--resume", "continue the run in --output-dir from its latest checkpoint"),
@@ -47,7 +48,7 @@ COMMON_FLAGS = (
 def overview() -> str:
     """`python train.py --help`: the variants, one line each, and the common flags."""
     width = max(map(len, VARIANTS)) + 2
-    lines = ["usage: python train.py --variant NAME [--preset demo] [flags]", "", "variants:"]
+    lines = ["usage: python train.py --variant NAME [--preset demo|closed_loop] [flags]", "", "variants:"]
     lines += [f"  {name:<{width}}{SUMMARIES[name]}" for name in VARIANTS]
     lines += ["", "common flags:"]
     width = max(len(flag) for flag, _ in COMMON_FLAGS) + 2
@@ -59,7 +60,7 @@ def overview() -> str:
 def parse(argv: list[str]) -> TrainConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--variant", choices=sorted(VARIANTS), default=None)
-    pre.add_argument("--preset", choices=["demo"], default=None)
+    pre.add_argument("--preset", choices=["demo", "closed_loop"], default=None)
     known, rest = pre.parse_known_args(argv)
     if known.variant is None:
         if {"-h", "--help"} & set(rest):
@@ -69,8 +70,10 @@ def parse(argv: list[str]) -> TrainConfig:
     default = VARIANTS[known.variant]
     if known.preset == "demo":
         default = demo(default, DEMO_DATA)
+    elif known.preset == "closed_loop":
+        default = closed_loop(default)
     return tyro.cli(TrainConfig, default=default, args=rest, config=(tyro.conf.AvoidSubcommands,),
-                    prog=f"train.py --variant {known.variant}" + (" --preset demo" if known.preset else ""))
+                    prog=f"train.py --variant {known.variant}" + (f" --preset {known.preset}" if known.preset else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

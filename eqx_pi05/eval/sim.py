@@ -146,6 +146,19 @@ class LiberoEnv:
             raw = self._env.set_init_state(self._init_states[trial])
         return sim_observation(raw)
 
+    def reset_sampled(self, seed: int) -> SimObservation:
+        """A scene drawn by the task's own placement sampler from `seed`, not a fixed initial state.
+
+        For recording demonstrations on placements the evaluation never uses. The env's history
+        still enters the fixtures (see the module docstring), so the same seed gives the same
+        scene only in an env with the same history; after this call `reset(trial)` refuses.
+        """
+        with self._private_rng():
+            np.random.seed(seed)
+            raw = self._env.reset()
+        self.resets = self.num_trials + 1  # the fixed-trial replay no longer holds in this env
+        return sim_observation(raw)
+
     def step(self, action: Float[np.ndarray, "7"]) -> tuple[SimObservation, bool]:
         with self._private_rng():
             raw, _, done, _ = self._env.step(np.asarray(action, dtype=np.float64).tolist())

@@ -17,6 +17,8 @@ from typing import Literal
 
 from eqx_pi05.config import (
     GEMMA_2B_LORA,
+    GemmaConfig,
+    SiglipConfig,
     GEMMA_300M_LORA,
     GEMMA_DUMMY,
     GEMMA_DUMMY_LORA,
@@ -291,6 +293,47 @@ def demo(cfg: TrainConfig, data_dir: pathlib.Path) -> TrainConfig:
         log_interval=10,
         save_interval=50,
         overwrite=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# --preset closed_loop: a from-scratch policy sized to learn LIBERO-Spatial tasks on a CPU in about an
+# hour, on demonstrations recorded by `python -m eqx_pi05.eval.record` (experiments/closed_loop/).
+
+CLOSED_LOOP_DATA = pathlib.Path("data/closed_loop")
+# 28-pixel patches: 64 tokens per camera (the demo's 16 lose the bowl's rim in the wrist view).
+CLOSED_LOOP_SIGLIP = SiglipConfig(width=64, depth=2, mlp_dim=128, num_heads=2, patch_size=28)
+CLOSED_LOOP_GEMMA = GemmaConfig(width=128, depth=4, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=32)
+
+
+def closed_loop(cfg: TrainConfig, data_dir: pathlib.Path = CLOSED_LOOP_DATA) -> TrainConfig:
+    """`cfg` on a small from-scratch model and a recorded LIBERO dataset in `data_dir` (its
+    tokenizer.model and norm_stats.json beside it). The state goes into the prompt as pi0.5's
+    discrete state tokens: a policy without it cannot tell how high the bowl already is."""
+    model = pi05_tiny(paligemma=CLOSED_LOOP_GEMMA, action_expert=CLOSED_LOOP_GEMMA, siglip=CLOSED_LOOP_SIGLIP,
+                      max_token_len=96, action_horizon=cfg.model.action_horizon)
+    data = dataclasses.replace(
+        cfg.data,
+        dataset=data_dir,
+        tokenizer=data_dir / "tokenizer.model",
+        norm_stats=data_dir / "norm_stats.json",
+        max_token_len=model.max_token_len,
+        discrete_state_input=True,
+        batch_size=32,
+        num_workers=2,
+    )
+    steps = 3000
+    return dataclasses.replace(
+        cfg,
+        model=model,
+        data=data,
+        lr=LRSchedule(warmup_steps=100, peak_lr=1e-3, decay_steps=steps, decay_lr=5e-5),
+        ema_decay=None if cfg.ema_decay is None else 0.99,
+        num_train_steps=steps,
+        weights=None,
+        output_dir=pathlib.Path("outputs") / f"{cfg.name}_closed_loop",
+        log_interval=50,
+        save_interval=250,
     )
 
 
