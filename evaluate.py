@@ -44,6 +44,8 @@ class Args:
     params: Literal["ema", "params"] = "ema"
     # Env seed (the reference's 7); also part of the output directory's identity for resuming.
     seed: int = 7
+    # Task indices of the suite, comma-separated ("0" or "0,3,7"); default all. --n is spread over them.
+    tasks: str | None = None
     # Show the libraries' INFO logs (absl, orbax, robosuite); by default one line per phase and a bar.
     verbose: bool = False
 
@@ -52,7 +54,15 @@ class Args:
         name = f"{ckpt.parent.parent.name}_step{ckpt.name}" if ckpt.name.isdigit() else ckpt.name
         out = self.output_dir or pathlib.Path("outputs/eval") / f"{name}_{self.suite}"
         return EvalConfig(n=self.n, suite=self.suite, output_dir=out, num_envs=self.num_envs,
-                          max_steps=self.max_steps, videos=self.videos, seed=self.seed)
+                          max_steps=self.max_steps, videos=self.videos, seed=self.seed, tasks=self.task_indices())
+
+    def task_indices(self) -> tuple[int, ...] | None:
+        if self.tasks is None:
+            return None
+        try:
+            return tuple(int(i) for i in self.tasks.split(","))
+        except ValueError:
+            raise ValueError(f"--tasks {self.tasks!r}: expected comma-separated task indices, e.g. 0 or 0,3,7") from None
 
 
 def main(

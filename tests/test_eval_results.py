@@ -164,3 +164,20 @@ def test_evaluate_py_runs_with_an_injected_policy_and_refuses_half_an_injection(
     assert res["total"]["episodes"] == 2
     with pytest.raises(ValueError, match="both"):
         cli.main(args, wrist_only_policy, None)
+    sub = cli.main(cli.Args(checkpoint=tmp_path / "ckpt", n=2, output_dir=tmp_path / "sub", max_steps=5, videos=0,
+                            tasks="1"), wrist_only_policy, REMOVE, tasks=TASKS, make_env=FakeEnv)
+    assert [(row["task"], row["episodes"]) for row in sub["per_task"]] == [(1, 2)]
+    with pytest.raises(ValueError, match="comma-separated task indices"):
+        cli.Args(checkpoint=tmp_path / "ckpt", tasks="0;1").config()
+
+
+def test_tasks_selects_a_subset_of_the_suite_and_n_is_spread_over_it(tmp_path):
+    res = evaluate(_config(tmp_path, "sub", n=4, tasks=(2, 0)), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    assert sorted({(t, e) for t, e, _, _ in _episodes(tmp_path / "sub")}) == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert [row["episodes"] for row in res["per_task"]] == [2, 2] and res["total"]["episodes"] == 4
+    with pytest.raises(ValueError, match="identity|another evaluation"):  # the subset is part of the run's identity
+        evaluate(_config(tmp_path, "sub", n=4, tasks=(1,)), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    with pytest.raises(ValueError, match=r"--tasks 0,5: no task \[5\]"):
+        evaluate(_config(tmp_path, "bad", tasks=(0, 5)), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    with pytest.raises(ValueError, match="--tasks"):
+        _config(tmp_path, "dup", tasks=(1, 1))

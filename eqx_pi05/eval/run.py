@@ -41,8 +41,12 @@ class EvalConfig:
     # Episodes recorded as MP4 (the first trials of the first tasks).
     videos: int = 4
     seed: int = sim.ENV_SEED
+    # Task indices of the suite to evaluate (None: all); `n` is spread over them.
+    tasks: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks) or min(self.tasks) < 0):
+            raise ValueError(f"--tasks: expected distinct task indices >= 0, got {self.tasks}")
         if self.suite not in MAX_STEPS and self.max_steps is None:
             raise ValueError(f"suite {self.suite!r}: no default max_steps, expected one of {list(MAX_STEPS)} "
                              "or an explicit --max-steps")
@@ -67,7 +71,7 @@ class PolicyInfo:
 
 
 # Fields that must match for a rerun to continue an output directory's episodes.
-_RESUME_KEYS = ("suite", "n", "max_steps", "seed", "variant", "checkpoint")
+_RESUME_KEYS = ("suite", "n", "max_steps", "seed", "variant", "checkpoint", "tasks")
 
 
 def _check_resume(out_dir: pathlib.Path, identity: dict) -> None:
@@ -116,12 +120,25 @@ def evaluate(
         return _evaluate(config, policy, info, tasks, make_env, out)
 
 
+def select_tasks(tasks: list[sim.Task], indices: tuple[int, ...] | None) -> list[sim.Task]:
+    """The suite's tasks with these indices, in the given order (all when None)."""
+    if indices is None:
+        return tasks
+    by_index = {t.index: t for t in tasks}
+    missing = [i for i in indices if i not in by_index]
+    if missing:
+        raise ValueError(f"--tasks {','.join(map(str, indices))}: no task {missing} in this suite "
+                         f"(indices 0..{len(tasks) - 1})")
+    return [by_index[i] for i in indices]
+
+
 def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
     start = time.perf_counter()
-    tasks = list(tasks) if tasks is not None else sim.suite_tasks(config.suite)
+    tasks = select_tasks(list(tasks) if tasks is not None else sim.suite_tasks(config.suite), config.tasks)
     make_env = make_env or functools.partial(sim.LiberoEnv, seed=config.seed)
     identity = {"suite": config.suite, "n": config.n, "max_steps": config.steps, "seed": config.seed,
-                "variant": info.variant, "checkpoint": info.checkpoint}
+                "variant": info.variant, "checkpoint": info.checkpoint,
+                "tasks": None if config.tasks is None else list(config.tasks)}
     _check_resume(out, identity)
     log.info("evaluation %s", json.dumps({**identity, "num_envs": config.num_envs, "output_dir": str(out)}))
 
