@@ -33,7 +33,7 @@ from eqx_pi05.convert import lerobot, openpi
 from eqx_pi05.convert.openpi import abstract_model
 from eqx_pi05.model import Pi05
 from eqx_pi05.train.config import TrainConfig, from_json, to_json
-from eqx_pi05.train.optimizer import trainable_filter
+from eqx_pi05.trainable import trainable_filter
 
 load_openpi = openpi.load_checkpoint
 load_lerobot = lerobot.load

@@ -84,6 +84,9 @@ class Pi05Config:
     # Unroll the layer scans (same function). XLA's cost analysis counts a loop body once, so
     # FLOP counts need unrolled layers; otherwise leave it off (compile time grows with depth).
     unroll: bool = False
+    # Freeze the vision tower (SigLIP and its projection) in training. With both experts LoRA this is
+    # the research report's "frozen backbone" (~1.5 % trainable); openpi's LoRA filter keeps it trainable.
+    freeze_vision: bool = False
 
     def __post_init__(self):
         a, b = self.paligemma, self.action_expert

@@ -12,7 +12,7 @@ from conftest import random_batch, random_model, small_config
 
 from eqx_pi05.config import GEMMA_DUMMY_LORA, pi05_full
 from eqx_pi05.model import Observation, Pi05, count_params, sample_actions, sample_actions_uncached
-from eqx_pi05.nn.lora import lora_filter
+from eqx_pi05.trainable import part_of, trainable_filter
 
 velocity = eqx.filter_jit(Pi05.velocity)
 loss_fn = eqx.filter_jit(Pi05.loss)
@@ -171,18 +171,18 @@ def test_lora_at_init_equals_the_base_model_and_filter_selects_only_adapters(sma
     from eqx_pi05.convert import openpi
 
     model, config = small
-    lora_cfg = dataclasses.replace(config, paligemma=dataclasses.replace(config.paligemma, lora=GEMMA_DUMMY_LORA.lora), action_expert=dataclasses.replace(config.action_expert, lora=GEMMA_DUMMY_LORA.lora))
+    lora_cfg = dataclasses.replace(config, paligemma=dataclasses.replace(config.paligemma, lora=GEMMA_DUMMY_LORA.lora), action_expert=dataclasses.replace(config.action_expert, lora=GEMMA_DUMMY_LORA.lora), freeze_vision=True)
     lora_model = openpi.from_openpi(openpi.to_openpi(model), lora_cfg, lora_seed=5)
     obs = Observation.from_batch(random_batch(config))
     noise, t = _inputs(config, 2)
     chex.assert_trees_all_equal(velocity(model, obs, noise, t), velocity(lora_model, obs, noise, t))
 
-    spec = lora_filter(lora_model)
-    trainable, frozen = eqx.partition(lora_model, spec)
-    n_lora = count_params(trainable)
-    # 5 adapted weights per expert and layer, each with an A and a B factor
-    assert len(jax.tree.leaves(trainable)) == 2 * 5 * 2
-    assert 0 < n_lora < 0.2 * count_params(lora_model)
+    trainable = eqx.filter(lora_model, trainable_filter(lora_model))  # frozen backbone: adapters and heads
+    parts = [part_of(path) for path, _ in jax.tree_util.tree_leaves_with_path(trainable)]
+    # 5 adapted weights per expert and layer, each with an A and a B factor; 4 head Dense layers
+    assert parts.count("lora") == 2 * 5 * 2 and parts.count("heads") == 4 * 2 and len(parts) == 28
+    assert 0 < count_params(trainable) < 0.2 * count_params(lora_model)
+    trainable, frozen = eqx.partition(lora_model, jax.tree_util.tree_map_with_path(lambda p, _: part_of(p) == "lora", lora_model))
     # adapters change the function once trained: a gradient step on LoRA leaves only moves the output
     def f(tr):
         m = eqx.combine(tr, frozen)

@@ -7,6 +7,7 @@ smaller model than the demo's (depth 1) and XLA's fast-compile options keep it t
 steps are shared between tests (equal StepConfigs give one jitted function).
 """
 
+import collections
 import dataclasses
 import json
 import shutil
@@ -24,6 +25,7 @@ from eqx_pi05.train.loop import ensure_demo_dataset, initial_state, train
 from eqx_pi05.train.metrics import read
 from eqx_pi05.train.sharding import make_mesh
 from eqx_pi05.train.state import ema_update
+from eqx_pi05.trainable import part_of
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +59,7 @@ def runs(demo_data, tmp_path_factory):
     base = dataclasses.replace(lora, paligemma=dataclasses.replace(lora.paligemma, lora=None),
                                action_expert=dataclasses.replace(lora.action_expert, lora=None))
     openpi.save_checkpoint(random_model(base), out / "base_params")
-    for name in ("lora_wristonly_zero_p05", "lora_wristonly_zero_p1"):
+    for name in (n for n in configs if n.startswith("lora_")):
         configs[name] = dataclasses.replace(configs[name], weights=out / "base_params")
     runs = {name: (cfg, train(cfg)) for name, cfg in configs.items()}
     # B4 with a frozen checkpoint teacher: the pi05_libero run just trained (its EMA params).
@@ -176,3 +178,20 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
     with pytest.raises(FloatingPointError, match=r"at step 2: stopped; the last good checkpoint is step 2"):
         train(bad)
     assert checkpoints.manager(tmp_path / "run" / "checkpoints").all_steps() == [1, 2]
+
+
+def test_frozen_backbone_lora_trains_adapters_and_action_heads_only(runs):
+    cfg, _ = runs["lora_frozenvision_wristonly_zero_p1"]
+    start = initial_state(cfg, make_mesh(1))
+    before, (after, _) = start.model(), checkpoints.load_trained(cfg.run_dir, params="params")
+    changed = collections.defaultdict(list)
+    for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after)):
+        changed[part_of(path)].append(not np.array_equal(old, new))
+    for part in ("vision", "llm", "action_expert"):  # the vision tower too, unlike openpi's filter above
+        assert not any(changed[part]), part
+    assert any(changed["lora"]) and any(changed["heads"])
+    assert not np.array_equal(before.llm.layers[1].attn.q_einsum.lora_b, after.llm.layers[1].attn.q_einsum.lora_b)
+    assert start.params.img.patch_kernel is None  # no optimizer state for the frozen tower
+    saved = json.loads((cfg.run_dir / "config.json").read_text())["param_counts"]
+    assert saved["vision"]["trainable"] == 0 < saved["vision"]["total"]
+    assert saved["all"]["trainable"] == saved["lora"]["total"] + saved["heads"]["total"]

@@ -1,5 +1,5 @@
-"""Weights with optional LoRA adapters (openpi's `lora.Einsum` / `lora.FeedForward` math), and the one
-filter that separates trainable LoRA leaves from frozen base weights.
+"""Weights with optional LoRA adapters (openpi's `lora.Einsum` / `lora.FeedForward` math); which of them
+train is decided by `eqx_pi05.trainable`.
 
 LoRA replaces one axis of the weight by the rank: `lora_a` has the output axis replaced, `lora_b` the
 input axis. `lora_b` starts at zero so a fresh adapter leaves the base model unchanged (openpi draws both
@@ -11,7 +11,7 @@ openpi's FeedForward (both released LoRA variants have alpha == rank, so the sca
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from eqx_pi05.config import LoRAConfig
 
@@ -72,13 +72,3 @@ def _lora_eqns(eqn: str) -> tuple[str, str]:
     a_label, b_label = rhs[-2], rhs[-1]
     a_out = out.replace(b_label, "L")
     return f"{lhs},{rhs.replace(b_label, 'L')}->{a_out}", f"{a_out},{rhs.replace(a_label, 'L')}->{out}"
-
-
-def lora_filter(model: PyTree) -> PyTree:
-    """Filter spec with True on LoRA leaves (`lora_a`, `lora_b`) and False elsewhere; use it with
-    `eqx.partition` or `optax.masked` to train adapters while the base weights stay frozen."""
-
-    def is_lora(path, _):
-        return any(getattr(k, "name", None) in ("lora_a", "lora_b") for k in path)
-
-    return jax.tree_util.tree_map_with_path(is_lora, model)

@@ -28,6 +28,7 @@ from eqx_pi05.train.optimizer import make_optimizer
 from eqx_pi05.train.sharding import fsdp_shardings, global_batch, initialize, make_mesh
 from eqx_pi05.train.state import TrainState, init_state
 from eqx_pi05.train.step import FAST_COMPILE, StepConfig, abstract, make_train_step
+from eqx_pi05.trainable import describe_counts, param_counts
 from eqx_pi05.views import CAMERA_SLOTS
 
 logger = logging.getLogger(__name__)  # the phase lines (train.py shows INFO; `log` below is the metrics log)
@@ -130,11 +131,14 @@ def train(cfg: TrainConfig) -> list[dict]:
     # would retrace, and processes must agree): the padding slot and cameras view_remove always drops.
     always_removed = [IMAGE_KEYS[2]] + [CAMERA_SLOTS[c] for c, p in cfg.data.view_remove.train.active().items() if p >= 1.0]
     start, n = int(state.step), cfg.num_train_steps
+    # What trains, per part (abstract shapes: no memory); config.json and W&B keep it beside the config.
+    run_info = {**to_json(cfg), "param_counts": param_counts(shapes.model())}
     if main:
+        print(f"{cfg.name}: {describe_counts(run_info['param_counts'])}")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_json(cfg), indent=1))
+        (out / "config.json").write_text(json.dumps(run_info, indent=1))
     suffix = "" if main else f".process{jax.process_index()}"
-    log = MetricsLog(out / f"metrics{suffix}.jsonl", fresh=start == 0, wandb_run=_wandb_run(cfg, fresh=start == 0) if cfg.wandb and main else None)
+    log = MetricsLog(out / f"metrics{suffix}.jsonl", fresh=start == 0, wandb_run=_wandb_run(cfg, run_info, fresh=start == 0) if cfg.wandb and main else None)
     records, pending, t0 = [], [], time.perf_counter()
     compiled = set()  # (camera set, batch shapes) of the step programs built so far
     logger.info("training %s, steps %d to %d, into %s", cfg.name, start, n, out)
@@ -223,11 +227,11 @@ def _summary(values: list[dict], first_step: int, seconds: float, batch_size: in
     return {**record, "p": float(values[-1]["p"]), "lr": float(values[-1]["lr"]), "samples_per_s": len(values) * batch_size / seconds}
 
 
-def _wandb_run(cfg: TrainConfig, fresh: bool) -> dict:
-    """wandb.init's arguments. The run id is kept in OUTPUT_DIR/wandb_run_id, so a resumed run logs
+def _wandb_run(cfg: TrainConfig, config: dict, fresh: bool) -> dict:
+    """wandb.init's arguments (`config`: what config.json holds). The run id is kept in OUTPUT_DIR/wandb_run_id, so a resumed run logs
     on into the same W&B run; a run started over gets a new id."""
     id_file = cfg.run_dir / "wandb_run_id"
     if fresh or not id_file.exists():
         id_file.write_text(secrets.token_hex(4))
-    return dict(project=cfg.wandb_project, name=cfg.name, config=to_json(cfg), dir=str(cfg.run_dir),
+    return dict(project=cfg.wandb_project, name=cfg.name, config=config, dir=str(cfg.run_dir),
                 mode="offline" if cfg.wandb_offline else "online", id=id_file.read_text().strip(), resume="allow")

@@ -1,16 +1,9 @@
-"""The optimizer, its schedule, and the one function that decides which params train."""
+"""The optimizer and its schedule (which params it sees: `eqx_pi05.trainable`)."""
 
 from __future__ import annotations
 
-import re
-
-import equinox as eqx
-import jax
 import optax
-from jaxtyping import PyTree
 
-from eqx_pi05.convert.openpi import leaf_map
-from eqx_pi05.model import Pi05
 from eqx_pi05.train.config import AdamW, LRSchedule
 
 
@@ -31,37 +24,3 @@ def make_optimizer(lr: LRSchedule, cfg: AdamW) -> optax.GradientTransformation:
         optax.clip_by_global_norm(cfg.clip_gradient_norm),
         optax.adamw(lr_schedule(lr), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
     )
-
-
-def frozen_paths(model: Pi05) -> set[str]:
-    """openpi param paths that openpi's `Pi0Config.get_freeze_filter` freezes, for this config:
-
-    - no LoRA: nothing (full fine-tune);
-    - LLM LoRA: `.*llm.*`, except the action expert (`.*llm.*_1.*`) unless it is LoRA too;
-    - action expert LoRA only: `.*llm.*_1.*`;
-    - any LoRA: never `.*lora.*`.
-
-    As in openpi, the vision tower (`PaliGemma/img`), the action projections and the time MLP stay
-    trainable in every case; only the Gemma weights are frozen."""
-    cfg = model.config
-    llm_lora, expert_lora = cfg.paligemma.lora is not None, cfg.action_expert.lora is not None
-    if not (llm_lora or expert_lora):
-        return set()
-    llm, expert, lora = re.compile(".*llm.*"), re.compile(".*llm.*_1.*"), re.compile(".*lora.*")
-
-    def frozen(path: str) -> bool:
-        if llm_lora:
-            hit = llm.fullmatch(path) is not None and (expert_lora or expert.fullmatch(path) is None)
-        else:
-            hit = expert.fullmatch(path) is not None
-        return hit and lora.fullmatch(path) is None
-
-    return {path for path, _ in leaf_map(cfg) if frozen(path)}
-
-
-def trainable_filter(model: Pi05) -> PyTree[bool]:
-    """Filter spec over `model`: True on the params that train (use with `eqx.partition`)."""
-    frozen = frozen_paths(model)
-    getters = [get for path, get in leaf_map(model.config) if path in frozen]
-    spec = jax.tree.map(lambda _: True, model)
-    return eqx.tree_at(lambda m: [get(m) for get in getters], spec, [False] * len(getters)) if getters else spec

@@ -9,7 +9,7 @@ import optax
 from jaxtyping import Array, Int, PyTree, UInt32
 
 from eqx_pi05.model import Pi05
-from eqx_pi05.train.optimizer import trainable_filter
+from eqx_pi05.trainable import trainable_filter
 
 
 class TrainState(eqx.Module):
