@@ -21,6 +21,7 @@ import pathlib
 import sys
 
 from eqx_pi05.data import hub
+from eqx_pi05.data.config import DataConfig
 from eqx_pi05.train.config import TrainConfig
 
 LIBERO_DATASET = "physical-intelligence/libero"
@@ -64,8 +65,12 @@ def _tokenizer(path: pathlib.Path, flag: str) -> list[Missing]:
     return _file(path, f"tokenizer ({flag})", f"gsutil cp {TOKENIZER_URL} {path}")
 
 
-def _norm_stats(path: pathlib.Path, dataset: str, flag: str) -> list[Missing]:
-    return _file(path, f"norm stats ({flag})", f"python -m eqx_pi05.data.norm_stats {dataset} --output {path}")
+def _norm_stats(data: DataConfig, flag: str) -> list[Missing]:
+    """The stats of the episodes `data` selects: the command takes the same --suites / --tasks."""
+    select = "".join([f" --suites {' '.join(data.suites)}" if data.suites else "",
+                      " --tasks " + " ".join(repr(t) for t in data.tasks) if data.tasks else ""])
+    path = pathlib.Path(data.norm_stats)
+    return _file(path, f"norm stats ({flag})", f"python -m eqx_pi05.data.norm_stats {data.dataset}{select} --output {path}")
 
 
 def _params(path: str | os.PathLike, what: str, fix: str) -> list[Missing]:
@@ -102,7 +107,7 @@ def train_inputs(cfg: TrainConfig) -> tuple[TrainConfig, list[Missing]]:
                                    f"hf download {hub_id} --repo-type dataset   (with network), then rerun"))
     else:
         missing += _dataset(dataset, "--data.dataset")
-    missing += _norm_stats(pathlib.Path(data.norm_stats), str(data.dataset), "--data.norm-stats")
+    missing += _norm_stats(data, "--data.norm-stats")
     missing += _tokenizer(pathlib.Path(data.tokenizer), "--data.tokenizer")
     if cfg.weights is not None and not (cfg.resume and _has_checkpoint(cfg.run_dir)):
         missing += _params(cfg.weights, "weights (--weights)",
@@ -128,7 +133,7 @@ def checkpoint_inputs(checkpoint: pathlib.Path, simulator: bool = False) -> list
         missing.append(Missing("checkpoint (--checkpoint)", str(e),
                                "python train.py --variant NAME [--preset demo]   (writes outputs/NAME[_demo]/checkpoints/<step>/)"))
     else:  # relative paths in the run's config are read from the current directory, as train.py read them
-        missing += _norm_stats(pathlib.Path(cfg.data.norm_stats), str(cfg.data.dataset), "in the checkpoint's config")
+        missing += _norm_stats(cfg.data, "in the checkpoint's config")
         missing += _tokenizer(pathlib.Path(cfg.data.tokenizer), "in the checkpoint's config")
     if simulator:
         missing += simulator_inputs()

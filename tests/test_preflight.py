@@ -52,7 +52,7 @@ def test_train_py_lists_all_four_missing_inputs_with_their_commands_and_exits_2_
     assert "4 input(s) missing" in err
     for expected, command in (
         ("data/physical-intelligence/libero", "hf download physical-intelligence/libero --repo-type dataset --local-dir data/physical-intelligence/libero"),
-        ("assets/pi05_libero/norm_stats.json", "python -m eqx_pi05.data.norm_stats data/physical-intelligence/libero --output assets/pi05_libero/norm_stats.json"),
+        ("assets/pi05_libero_spatial/norm_stats.json", "python -m eqx_pi05.data.norm_stats data/physical-intelligence/libero --suites libero_spatial --output assets/pi05_libero_spatial/norm_stats.json"),
         ("assets/paligemma_tokenizer.model", "gsutil cp gs://big_vision/paligemma_tokenizer.model assets/paligemma_tokenizer.model"),
         ("checkpoints/pi05_base/params", "gsutil -m cp -r gs://openpi-assets/checkpoints/pi05_base checkpoints/"),
     ):

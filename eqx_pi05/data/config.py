@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+from eqx_pi05.data.episodes import Suite, selected_tasks
 from eqx_pi05.views import ViewDropoutConfig, ViewRemoveConfig, check_exclusive
 
 
@@ -27,11 +28,16 @@ class DataConfig:
     shuffle: bool = True
     # None repeats forever; otherwise the loader ends after this many passes over the data.
     num_epochs: int | None = None
+    # Episodes that train, chosen before shuffling and norm stats: the LIBERO suites' tasks
+    # (eqx_pi05.data.episodes), or an explicit list of task strings; both empty: every episode.
+    suites: tuple[Suite, ...] = ()
+    tasks: tuple[str, ...] = ()
     view_dropout: ViewDropoutConfig = ViewDropoutConfig()
     view_remove: ViewRemoveConfig = ViewRemoveConfig()
 
     def __post_init__(self):
         check_exclusive(self.view_dropout, self.view_remove)
+        selected_tasks(self.suites, self.tasks)
         for name in ("action_horizon", "max_token_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name}: expected >= 1, got {getattr(self, name)}")
@@ -39,3 +45,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.num_workers: expected >= 0, got {self.num_workers}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"DataConfig.num_epochs: expected None or >= 1, got {self.num_epochs}")
+
+    @property
+    def selected_tasks(self) -> tuple[str, ...] | None:
+        """The task strings whose episodes train; None: every episode of the dataset."""
+        return selected_tasks(self.suites, self.tasks)

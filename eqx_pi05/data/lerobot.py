@@ -43,7 +43,8 @@ ROW_GROUP_CACHE_BYTES = 256 << 20  # per process: encoded images of recently rea
 class LeRobotSource:
     """grain.sources.RandomAccessDataSource over the frames of a LeRobot dataset."""
 
-    def __init__(self, root: str | pathlib.Path, action_horizon: int):
+    def __init__(self, root: str | pathlib.Path, action_horizon: int, tasks: tuple[str, ...] | None = None):
+        """`tasks`: keep only the episodes of these task strings (each must be in the dataset); None: all."""
         self.root = pathlib.Path(root)
         self.action_horizon = action_horizon
         info_path = self.root / "meta" / "info.json"
@@ -78,6 +79,8 @@ class LeRobotSource:
             if not path.is_file():
                 raise FileNotFoundError(f"{self.root}: data file {path} listed by the metadata is missing")
         self._read_columns()
+        if tasks is not None:
+            self._select(tasks)
         self._lock: threading.Lock | None = None  # the per-process cache is built on first read
 
     # ---- construction -------------------------------------------------------------------------
@@ -125,13 +128,11 @@ class LeRobotSource:
         self.timestamp, self._file, self._row = merged["timestamp"], merged["file"], merged["row"]
         self.state = merged[VECTOR_FEATURES["observation/state"]]
         self.actions = merged[VECTOR_FEATURES["actions"]]
-        self._episode_end = self._check_episodes()
+        self._check_episodes()
+        self._episode_end = _episode_ends(self.episode_index)
 
-    def _check_episodes(self) -> np.ndarray:
-        """Frames of an episode must be contiguous, in order, and as many as the metadata says.
-
-        Returns, for each row, the row index of the last frame of its episode (for action chunks).
-        """
+    def _check_episodes(self) -> None:
+        """Frames of an episode must be contiguous, in order, and as many as the metadata says."""
         ep, frame = self.episode_index, self.frame_index
         starts = np.flatnonzero(np.r_[True, ep[1:] != ep[:-1]])
         ends = np.r_[starts[1:], len(ep)] - 1
@@ -154,7 +155,27 @@ class LeRobotSource:
         absent = sorted(set(self._episodes) - seen)
         if absent:
             raise ValueError(f"{self.root}: episode(s) {absent[:5]} listed in the metadata have no frames in the data")
-        return np.repeat(ends, ends - starts + 1)
+
+    def _select(self, tasks: tuple[str, ...]) -> None:
+        """Keep the episodes whose frames carry one of `tasks` (whole episodes, so chunks stay intact)."""
+        index = {text: i for i, text in self.tasks.items()}
+        missing = [t for t in tasks if t not in index]
+        if missing:
+            raise ValueError(f"{self.root}: task(s) {missing} selected by data.suites / data.tasks are not in the "
+                             f"dataset's task list ({len(index)} tasks: {sorted(index)[:5]}...)")
+        episodes = np.unique(self.episode_index[np.isin(self.task_index, [index[t] for t in tasks])])
+        keep = np.isin(self.episode_index, episodes)
+        if not keep.any():
+            raise ValueError(f"{self.root}: no episode of the selected tasks {list(tasks)} has frames")
+        for name in ("episode_index", "frame_index", "task_index", "timestamp", "_file", "_row", "state", "actions"):
+            setattr(self, name, getattr(self, name)[keep])
+        self._episodes = {e: self._episodes[e] for e in episodes.tolist()}
+        self._episode_end = _episode_ends(self.episode_index)
+
+    @property
+    def task_names(self) -> list[str]:
+        """The task strings of the frames this source holds, sorted."""
+        return sorted({self.tasks[int(i)] for i in np.unique(self.task_index)})
 
     def _parquet_image_features(self) -> list[str]:
         return [f for f in IMAGE_FEATURES.values() if self.features[f]["dtype"] == "image"]
@@ -317,6 +338,13 @@ def _episodes_v3(root: pathlib.Path) -> dict[int, dict]:
 
 
 # ---- column conversion ----------------------------------------------------------------------------
+
+
+def _episode_ends(episode_index: np.ndarray) -> np.ndarray:
+    """For each row, the row of the last frame of its episode (episodes are contiguous runs of rows)."""
+    starts = np.flatnonzero(np.r_[True, episode_index[1:] != episode_index[:-1]])
+    ends = np.r_[starts[1:], len(episode_index)] - 1
+    return np.repeat(ends, ends - starts + 1)
 
 
 def _scalars(column: pa.ChunkedArray, where: str) -> np.ndarray:

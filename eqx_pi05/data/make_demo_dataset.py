@@ -27,22 +27,12 @@ import numpy as np
 import tyro
 
 from eqx_pi05.data import norm_stats
+from eqx_pi05.data.episodes import LIBERO_SUITES
 from eqx_pi05.data.lerobot import LeRobotSource
 from eqx_pi05.data.lerobot_write import Episode, write_dataset
 from eqx_pi05.data.tokenizer import train_sentencepiece
 
-LIBERO_SPATIAL_TASKS = (
-    "pick up the black bowl between the plate and the ramekin and place it on the plate",
-    "pick up the black bowl next to the ramekin and place it on the plate",
-    "pick up the black bowl from table center and place it on the plate",
-    "pick up the black bowl on the cookie box and place it on the plate",
-    "pick up the black bowl in the top drawer of the wooden cabinet and place it on the plate",
-    "pick up the black bowl on the ramekin and place it on the plate",
-    "pick up the black bowl next to the cookie box and place it on the plate",
-    "pick up the black bowl on the stove and place it on the plate",
-    "pick up the black bowl next to the plate and place it on the plate",
-    "pick up the black bowl on the wooden cabinet and place it on the plate",
-)
+LIBERO_SPATIAL_TASKS = LIBERO_SUITES["libero_spatial"]
 # Words the tokenizer should know beyond the task strings (other LIBERO suites, the pi05 state prompt).
 EXTRA_TEXT = (
     "Task: State: Action: 0 1 2 3 4 5 6 7 8 9 ; , . put open close turn on off the drawer basket "
@@ -182,7 +172,8 @@ def write_demo_dataset(
         info["source"] = f"{description}: {summary['successes']}/{summary['episodes']} successful"
         info_path.write_text(json.dumps(info, indent=4))
     train_sentencepiece([*LIBERO_SPATIAL_TASKS, EXTRA_TEXT], out_dir / "tokenizer.model")
-    norm_stats.save(norm_stats.compute_dataset_stats(LeRobotSource(out_dir, action_horizon)), out_dir / "norm_stats.json")
+    source = LeRobotSource(out_dir, action_horizon)
+    norm_stats.save(norm_stats.compute_dataset_stats(source), out_dir / "norm_stats.json", tasks=source.task_names)
     return out_dir
 
 

@@ -1,6 +1,11 @@
 """Normalization statistics (openpi `norm_stats.json` layout) and quantile normalization.
 
     python -m eqx_pi05.data.norm_stats DATASET [--output FILE] [--action-horizon 10]
+                                         [--suites libero_spatial ...] [--tasks "task string" ...]
+
+`--suites` / `--tasks` select episodes exactly as the training config's `data.suites` / `data.tasks`
+(eqx_pi05.data.episodes); the file records the tasks it was computed on (`"tasks"`, beside openpi's
+`"norm_stats"`), and training refuses stats whose recorded tasks differ from its selection.
 
 DATASET is a LeRobot dataset directory or a Hugging Face dataset id (physical-intelligence/libero,
 read from the hub cache, downloaded into it when not there).
@@ -21,6 +26,8 @@ from typing import Annotated
 import numpy as np
 import tyro
 from jaxtyping import Float
+
+from eqx_pi05.data.episodes import Suite, selected_tasks
 
 EPS = 1e-6  # openpi adds this to the quantile range (and to std)
 KEYS = ("state", "actions")
@@ -47,12 +54,18 @@ def compute_dataset_stats(source) -> dict[str, NormStats]:
     return {"state": compute(source.state), "actions": compute(source.actions[source.chunk_indices()].reshape(-1, source.actions.shape[-1]))}
 
 
-def save(stats: dict[str, NormStats], path: str | pathlib.Path) -> pathlib.Path:
+def save(stats: dict[str, NormStats], path: str | pathlib.Path, tasks: list[str] | None = None) -> pathlib.Path:
+    """Write openpi's layout; `tasks`: the task strings of the episodes the stats were computed on."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {key: {f: np.asarray(getattr(s, f)).tolist() for f in ("mean", "std", "q01", "q99")} for key, s in stats.items()}
-    path.write_text(json.dumps({"norm_stats": body}, indent=2))
+    path.write_text(json.dumps({"norm_stats": body, **({"tasks": sorted(tasks)} if tasks is not None else {})}, indent=2))
     return path
+
+
+def recorded_tasks(path: str | pathlib.Path) -> list[str] | None:
+    """The task strings a norm_stats.json says it was computed on; None when it does not say (openpi's files)."""
+    return json.loads(pathlib.Path(path).read_text()).get("tasks")
 
 
 def load(path: str | pathlib.Path) -> dict[str, NormStats]:
@@ -96,15 +109,18 @@ def main(
     dataset: Annotated[pathlib.Path, tyro.conf.Positional],
     output: pathlib.Path | None = None,
     action_horizon: int = 10,
+    suites: tuple[Suite, ...] = (),
+    tasks: tuple[str, ...] = (),
 ) -> None:
-    """Compute norm stats of a LeRobot dataset; write DATASET/norm_stats.json unless --output says where."""
+    """Compute norm stats of a LeRobot dataset (the episodes of --suites / --tasks, default all); write
+    DATASET/norm_stats.json unless --output says where."""
     from eqx_pi05.data import hub  # noqa: PLC0415
     from eqx_pi05.data.lerobot import LeRobotSource  # the reader is heavier than this module
 
     dataset = hub.resolve(dataset)
-    source = LeRobotSource(dataset, action_horizon=action_horizon)
-    path = save(compute_dataset_stats(source), output or dataset / "norm_stats.json")
-    print(f"wrote {path}: {len(source)} frames, {source.num_episodes} episodes")
+    source = LeRobotSource(dataset, action_horizon=action_horizon, tasks=selected_tasks(suites, tasks))
+    path = save(compute_dataset_stats(source), output or dataset / "norm_stats.json", tasks=source.task_names)
+    print(f"wrote {path}: {len(source)} frames, {source.num_episodes} episodes of {len(source.task_names)} tasks")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,16 @@ def make_data_loader(
     cfg: DataConfig, *, process_index: int | None = None, process_count: int | None = None
 ) -> grain.IterDataset:
     """Training batches for this process, as configured. Process index/count default to JAX's."""
-    source = LeRobotSource(cfg.dataset, cfg.action_horizon)
+    source = LeRobotSource(cfg.dataset, cfg.action_horizon, cfg.selected_tasks)
     stats = _norm_stats.load(cfg.norm_stats)
+    recorded = _norm_stats.recorded_tasks(cfg.norm_stats)
+    if recorded is not None and sorted(recorded) != source.task_names:
+        raise ValueError(
+            f"norm stats {cfg.norm_stats} were computed on the episodes of {len(recorded)} task(s), the selection "
+            f"(data.suites={list(cfg.suites)}, data.tasks={list(cfg.tasks)}) trains on {len(source.task_names)} of "
+            f"{cfg.dataset}: compute them on the selection with python -m eqx_pi05.data.norm_stats {cfg.dataset} "
+            "--suites/--tasks (the same selection) --output FILE"
+        )
     for key, data in (("state", source.state), ("actions", source.actions)):
         if stats[key].q01.shape[-1] != data.shape[-1]:
             raise ValueError(

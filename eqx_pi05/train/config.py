@@ -219,11 +219,25 @@ def _variant(name: str, **changes) -> TrainConfig:
     return dataclasses.replace(PI05_LIBERO, name=name, **changes)
 
 
+# The report's runs train on "LeRobot LIBERO libero_spatial" (its Fig. 1) and evaluate on LIBERO-Spatial;
+# openpi's pi05_libero on all four suites of physical-intelligence/libero. Norm stats on the selection:
+#   python -m eqx_pi05.data.norm_stats data/physical-intelligence/libero --suites libero_spatial \
+#       --output assets/pi05_libero_spatial/norm_stats.json
+LIBERO_SPATIAL = dict(suites=("libero_spatial",), norm_stats=pathlib.Path("assets/pi05_libero_spatial/norm_stats.json"))
+
+
 def _data(**changes) -> DataConfig:
-    return dataclasses.replace(LIBERO_DATA, **changes)
+    """The report's data: LIBERO_DATA restricted to libero_spatial, with `changes`."""
+    return dataclasses.replace(LIBERO_DATA, **{**LIBERO_SPATIAL, **changes})
 
 
+# Two readings of the report's LoRA rows ("~1.5 % trainable params, frozen backbone"), two experiments:
+# openpi's freeze filter (Gemma weights frozen; SigLIP, projections, time MLP train: 13.7 % trainable)
+# and the frozen backbone (the vision tower frozen too: adapters + action heads, 1.53 % trainable).
 _LORA_MODEL = pi05_full(action_horizon=10, paligemma=GEMMA_2B_LORA, action_expert=GEMMA_300M_LORA)
+_LORA_FROZEN_VISION_MODEL = dataclasses.replace(_LORA_MODEL, freeze_vision=True)
+ZERO_P05 = ViewDropoutConfig(seed=42, train=CameraProbs(agentview=0.5))
+ZERO_P1 = ViewDropoutConfig(seed=42, train=AGENTVIEW)
 
 # (config, the one line `python train.py --help` shows for it)
 _TABLE: tuple[tuple[TrainConfig, str], ...] = (
@@ -241,13 +255,18 @@ _TABLE: tuple[tuple[TrainConfig, str], ...] = (
     (_variant("curric_selfdistill", data=_data(view_remove=EVAL_WRIST_ONLY),
               distill=DistillConfig(lam=1.0, anchor_frac=0.15, schedule="curriculum", curriculum_frac=0.75, teacher="self")),
      "B5, the report's method: curriculum removal + self-distillation"),
-    # LoRA reference rows (issue #5): both experts LoRA, EMA off (openpi's LoRA configs).
-    (_variant("lora_wristonly_zero_p05", model=_LORA_MODEL, ema_decay=None,
-              data=_data(view_dropout=ViewDropoutConfig(seed=42, train=CameraProbs(agentview=0.5)))),
-     "LoRA row: both experts LoRA, EMA off, agentview zeroed with p=0.5"),
-    (_variant("lora_wristonly_zero_p1", model=_LORA_MODEL, ema_decay=None,
-              data=_data(view_dropout=ViewDropoutConfig(seed=42, train=AGENTVIEW))),
-     "LoRA row: both experts LoRA, EMA off, agentview zeroed with p=1"),
+    # LoRA reference rows (issue #5): both experts LoRA, EMA off (openpi's LoRA configs), openpi's
+    # freeze filter (lora_*) or the frozen backbone (lora_frozenvision_*).
+    (_variant("lora_wristonly_zero_p05", model=_LORA_MODEL, ema_decay=None, data=_data(view_dropout=ZERO_P05)),
+     "LoRA row, openpi's freeze filter (13.7 % trainable): EMA off, agentview zeroed with p=0.5"),
+    (_variant("lora_wristonly_zero_p1", model=_LORA_MODEL, ema_decay=None, data=_data(view_dropout=ZERO_P1)),
+     "LoRA row, openpi's freeze filter (13.7 % trainable): EMA off, agentview zeroed with p=1"),
+    (_variant("lora_frozenvision_wristonly_zero_p05", model=_LORA_FROZEN_VISION_MODEL, ema_decay=None,
+              data=_data(view_dropout=ZERO_P05)),
+     "LoRA row, frozen backbone incl. vision (1.53 % trainable, the report's): agentview zeroed with p=0.5"),
+    (_variant("lora_frozenvision_wristonly_zero_p1", model=_LORA_FROZEN_VISION_MODEL, ema_decay=None,
+              data=_data(view_dropout=ZERO_P1)),
+     "LoRA row, frozen backbone incl. vision (1.53 % trainable, the report's): agentview zeroed with p=1"),
 )
 VARIANTS: dict[str, TrainConfig] = {c.name: c for c, _ in _TABLE}
 SUMMARIES: dict[str, str] = {c.name: line for c, line in _TABLE}
@@ -261,10 +280,10 @@ DEMO_SIGLIP = dataclasses.replace(SIGLIP_TINY, patch_size=56)
 
 
 def demo_model(model: Pi05Config) -> Pi05Config:
-    """The tiny model with the LoRA layout of `model` (each expert LoRA iff it is in `model`)."""
+    """The tiny model with the LoRA layout and freeze choice of `model` (each expert LoRA iff it is in `model`)."""
     pick = lambda g: GEMMA_DUMMY_LORA if g.lora else GEMMA_DUMMY  # noqa: E731
     return pi05_tiny(paligemma=pick(model.paligemma), action_expert=pick(model.action_expert), siglip=DEMO_SIGLIP,
-                     action_horizon=model.action_horizon)
+                     action_horizon=model.action_horizon, freeze_vision=model.freeze_vision)
 
 
 def demo(cfg: TrainConfig, data_dir: pathlib.Path) -> TrainConfig:
