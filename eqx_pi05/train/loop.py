@@ -134,7 +134,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     # What trains, per part (abstract shapes: no memory); config.json and W&B keep it beside the config.
     run_info = {**to_json(cfg), "param_counts": param_counts(shapes.model())}
     if main:
-        print(f"{cfg.name}: {describe_counts(run_info['param_counts'])}")
+        logger.info("%s: %s", cfg.name, describe_counts(run_info["param_counts"]))
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(run_info, indent=1))
     suffix = "" if main else f".process{jax.process_index()}"
