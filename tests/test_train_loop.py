@@ -60,7 +60,7 @@ def runs(demo_data, tmp_path_factory):
                                action_expert=dataclasses.replace(lora.action_expert, lora=None))
     openpi.save_checkpoint(random_model(base), out / "base_params")
     for name in (n for n in configs if n.startswith("lora_")):
-        configs[name] = dataclasses.replace(configs[name], weights=out / "base_params")
+        configs[name] = dataclasses.replace(configs[name], weights=str(out / "base_params"))
     runs = {name: (cfg, train(cfg)) for name, cfg in configs.items()}
     # B4 with a frozen checkpoint teacher: the pi05_libero run just trained (its EMA params).
     b4 = configs["selfdistill_only"]
