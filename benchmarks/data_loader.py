@@ -35,7 +35,7 @@ RESULTS = pathlib.Path(__file__).parent / "results" / "data_loader.json"
 
 def stage_times(cfg: DataConfig, samples: int, seed: int = 0) -> dict[str, float]:
     """Milliseconds per sample of each stage, on random frames (as the shuffled loader reads them)."""
-    source = LeRobotSource(cfg.dataset, cfg.action_horizon)
+    source = LeRobotSource(cfg.dataset, cfg.action_horizon, cfg.selected_tasks)
     stats = norm_stats.load(cfg.norm_stats)
     tokenizer = Tokenizer(cfg.tokenizer, cfg.max_token_len)
     removal = CameraProbs(agentview=1.0)

@@ -244,8 +244,9 @@ def test_train_py_checkpoint_served_end_to_end_with_wandb_offline_logging(tmp_pa
                                "--wandb-offline", *(x for flag in depth1 for x in (flag, "1")), *extra],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+        return done
 
-    train(2)
+    started = train(2)
     train(3, "--resume")  # one more step: the same wandb run goes on
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
@@ -254,6 +255,10 @@ def test_train_py_checkpoint_served_end_to_end_with_wandb_offline_logging(tmp_pa
     files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2
     logged = b"".join(f.read_bytes() for f in files)
+    # What trains, at start: the console line, config.json and the W&B config (full fine-tune: everything).
+    counts = json.loads((run / "config.json").read_text())["param_counts"]
+    assert counts["all"]["trainable"] == counts["all"]["total"] > 0 and b"param_counts" in logged
+    assert f"trainable params {counts['all']['trainable']:,} of {counts['all']['total']:,} (100.00 %)" in started.stderr
     for r in records:
         for key in ("loss", "bc", "grad_norm"):
             assert json.dumps(r[key]).encode() in logged, (key, r[key])
