@@ -19,7 +19,7 @@ from eqx_pi05.trainable import PARTS, param_counts, trainable_filter
 FULL = 3_353_433_872  # pi05_full, no LoRA
 LORA_TOTAL = 3_403_421_456  # gemma_2b_lora + gemma_300m_lora
 OPENPI_LORA_TRAINABLE = 466_957_072  # openpi's filter: SigLIP, projections, time MLP and adapters train
-FROZEN_BACKBONE_TRAINABLE = 52_153_376  # adapters (49,978,368) and action heads (2,175,008)
+FROZEN_BACKBONE_TRAINABLE = 52_153_376  # adapters (49,987,584) and action heads (2,165,792)
 
 
 def openpi_frozen(config) -> set[str]:
@@ -69,6 +69,7 @@ def test_trainable_counts_of_every_variant_at_full_size():
         if name.startswith("lora_frozenvision_"):
             assert got == (FROZEN_BACKBONE_TRAINABLE, LORA_TOTAL), name
             assert {p for p in PARTS if counts[p]["trainable"]} == {"lora", "heads"}, name
+            assert (counts["lora"]["trainable"], counts["heads"]["trainable"]) == (49_987_584, 2_165_792), name
         elif name.startswith("lora_"):
             assert got == (OPENPI_LORA_TRAINABLE, LORA_TOTAL), name
             assert {p for p in PARTS if counts[p]["trainable"] < counts[p]["total"]} == {"llm", "action_expert"}, name
