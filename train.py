@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         first, last = records[0], records[-1]
         print(f"{cfg.name}: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
               f"checkpoints in {cfg.run_dir / 'checkpoints'}")
+        print(f"next: MUJOCO_GL=egl python evaluate.py --checkpoint {cfg.run_dir} --n 2   (README: the path from here)")
 
 
 if __name__ == "__main__":
