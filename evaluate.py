@@ -2,11 +2,13 @@
 
     python evaluate.py --n 500 --checkpoint DIR [--suite libero_spatial] [--output-dir DIR]
                        [--num-envs K] [--max-steps N] [--videos N] [--params ema|params]
+                       [--eval-view deployed|real] [--policy-batch B]
 
 The policy is the checkpoint's model with the transform chain and the eval-time camera removal of
-its training variant (read from the checkpoint's saved config), EMA params by default. A removal
-audit runs before the episodes and stops the run if the policy reads a removed camera. Episodes are
-appended to OUTPUT/episodes.jsonl as they finish; rerunning the same command resumes.
+its training variant (read from the checkpoint's saved config), its norm stats and tokenizer (stored
+in the checkpoint), EMA params by default. A removal audit runs before the episodes and stops the
+run if the policy reads a camera it must not see. Episodes are appended to OUTPUT/episodes.jsonl as
+they finish; rerunning the same command resumes. The episodes do not depend on --num-envs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from eqx_pi05.logs import setup_logging
 class Args:
     # Checkpoint directory written by train.py (model params, EMA params, training config).
     checkpoint: pathlib.Path
-    # Episodes in all, spread evenly over the suite's tasks (500 -> 10 tasks x 50 trials).
+    # Episodes in all, spread evenly over the suite's tasks (500 -> 10 tasks x 50 trials); below the
+    # number of tasks, only the first n tasks are evaluated (one episode each).
     n: int = 500
     # LIBERO task suite.
     suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"] = "libero_spatial"
@@ -46,6 +49,17 @@ class Args:
     seed: int = 7
     # Task indices of the suite, comma-separated ("0" or "0,3,7"); default all. --n is spread over them.
     tasks: str | None = None
+    # What a view_dropout variant (wristonly_zero, the LoRA zero variants) is given for the camera it was
+    # trained to do without: "deployed" = zeros with mask True, as a robot without that camera; "real" =
+    # the real frame (dropout is train-only: the research report's pipeline, to reproduce its B1 number).
+    # view_remove variants are evaluated with their removal either way.
+    eval_view: Literal["deployed", "real"] = "deployed"
+    # Rows of every model call (unused rows padded): episodes depend on it, not on --num-envs. Raise it
+    # with --num-envs on an accelerator to batch the workers' observations.
+    policy_batch: int = 1
+    # For a checkpoint written before train.py stored norm stats and tokenizer in it: read them from the
+    # paths its config names (they must be the files it was trained with; recorded in the results).
+    assets_from_config: bool = False
     # Show the libraries' INFO logs (absl, orbax, robosuite); by default one line per phase and a bar.
     verbose: bool = False
 
@@ -79,9 +93,11 @@ def main(
         from eqx_pi05 import preflight  # noqa: PLC0415
         from eqx_pi05.eval.policy import load_policy  # noqa: PLC0415 - JAX and the model only when needed
 
-        preflight.exit_if_missing(preflight.checkpoint_inputs(args.checkpoint, simulator=make_env is None), "evaluate.py")
+        preflight.exit_if_missing(preflight.checkpoint_inputs(args.checkpoint, simulator=make_env is None,
+                                                                assets_from_config=args.assets_from_config), "evaluate.py")
         logging.getLogger("eqx_pi05.eval").info("loading %s", args.checkpoint)
-        policy, info = load_policy(args.checkpoint, params=args.params, batch_size=args.num_envs)
+        policy, info = load_policy(args.checkpoint, params=args.params, batch_size=args.policy_batch,
+                                   eval_view=args.eval_view, assets_from_config=args.assets_from_config)
     return evaluate(args.config(), policy, info, tasks=tasks, make_env=make_env)
 
 

@@ -12,6 +12,10 @@ Trainer layout: orbax CheckpointManager under OUTPUT_DIR/checkpoints/<step>/ wit
     train    {opt_state, step, rng}
     data     the Grain iterator state (one file per process)
     config   the run's TrainConfig as JSON (model, data incl. view_dropout/view_remove, variant)
+    assets   what the policy needs besides the weights and the config: the norm stats and the
+             tokenizer model (its bytes), read once from the config's paths when the run starts
+             (`policy_assets`); evaluation and serving read them from here (`read_assets`), never
+             from those paths, so replacing a file there cannot change an evaluated policy
 
 <step> is the number of completed steps. orbax writes into a temporary directory and renames it
 when complete, so a killed save leaves the previous checkpoint the latest; saves run in the
@@ -20,6 +24,9 @@ background (`async_checkpoint`), and keep the newest `keep_checkpoints`.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
 import os
 import pathlib
 
@@ -31,6 +38,9 @@ from grain import checkpoint as grain_checkpoint
 from eqx_pi05.config import Pi05Config
 from eqx_pi05.convert import lerobot, openpi
 from eqx_pi05.convert.openpi import abstract_model
+from eqx_pi05.data import norm_stats
+from eqx_pi05.data.norm_stats import NormStats
+from eqx_pi05.data.transforms import LIBERO_ACTION_DIM
 from eqx_pi05.model import Pi05
 from eqx_pi05.train.config import TrainConfig, from_json, to_json
 from eqx_pi05.trainable import trainable_filter
@@ -53,14 +63,35 @@ def manager(directory: pathlib.Path, keep: int = 1, async_save: bool = True) -> 
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
 
-def save(mgr: ocp.CheckpointManager, state, data_iter, cfg: TrainConfig) -> int:
-    """Save `state` as checkpoint <state.step>; returns that step."""
+ASSETS_FORMAT = 1
+
+
+def policy_assets(cfg: TrainConfig) -> dict:
+    """The `assets` item of `cfg`'s checkpoints (JSON): norm stats in openpi's layout, the tokenizer
+    model base64-encoded with its sha256, the environment's action dims, and where each was read."""
+    proto = pathlib.Path(cfg.data.tokenizer).read_bytes()
+    return {
+        "format": ASSETS_FORMAT,
+        **norm_stats.to_json(norm_stats.load(cfg.data.norm_stats)),
+        "norm_stats_source": str(cfg.data.norm_stats),
+        "tokenizer_model": base64.b64encode(proto).decode("ascii"),
+        "tokenizer_sha256": hashlib.sha256(proto).hexdigest(),
+        "tokenizer_source": str(cfg.data.tokenizer),
+        "action_dim": LIBERO_ACTION_DIM,
+        "model_action_dim": cfg.model.action_dim,
+    }
+
+
+def save(mgr: ocp.CheckpointManager, state, data_iter, cfg: TrainConfig, assets: dict | None = None) -> int:
+    """Save `state` as checkpoint <state.step>; returns that step. `assets`: `policy_assets(cfg)`,
+    computed once per run by the caller (None: read now)."""
     step = int(state.step)
     items = dict(
         params=ocp.args.StandardSave(state.model()),
         train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step, "rng": state.rng}),
         data=grain_checkpoint.CheckpointSave(data_iter),
         config=ocp.args.JsonSave(to_json(cfg)),
+        assets=ocp.args.JsonSave(policy_assets(cfg) if assets is None else assets),
     )
     if state.ema is not None:
         items["ema"] = ocp.args.StandardSave(state.ema)
@@ -105,6 +136,55 @@ def read_config(path: str | pathlib.Path) -> TrainConfig:
     """The TrainConfig a checkpoint was written with."""
     directory = step_dir(path)
     return from_json(ocp.JsonCheckpointHandler().restore(directory / "config"))
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyAssets:
+    """A checkpoint's assets, decoded."""
+
+    norm_stats: dict[str, NormStats]
+    tokenizer_model: bytes  # the SentencePiece model file
+    tokenizer_source: str
+    action_dim: int
+    origin: str  # where they were read: "checkpoint", or the config's paths for an old checkpoint
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex) of the norm stats and tokenizer: equal fingerprints, equal assets."""
+        stats = repr(norm_stats.to_json(self.norm_stats)).encode()
+        return hashlib.sha256(stats + self.tokenizer_model).hexdigest()[:16]
+
+
+def read_assets(path: str | pathlib.Path, from_config_paths: bool = False) -> PolicyAssets:
+    """The norm stats and tokenizer stored in a checkpoint.
+
+    A checkpoint written before the assets were stored has none: that is an error naming the
+    directory, unless `from_config_paths`, which reads the files its config names today (what
+    evaluation did before) and says so in `origin`.
+    """
+    directory = step_dir(path)
+    if not (directory / "assets").is_dir():
+        if not from_config_paths:
+            raise FileNotFoundError(
+                f"checkpoint {directory} has no 'assets' item (norm stats + tokenizer), it was written before "
+                "train.py stored them; pass --assets-from-config to read the files its config names instead "
+                "(they must be the ones it was trained with: nothing can check that)")
+        cfg = read_config(directory)
+        stats, proto = norm_stats.load(cfg.data.norm_stats), pathlib.Path(cfg.data.tokenizer).read_bytes()
+        return PolicyAssets(stats, proto, str(cfg.data.tokenizer), LIBERO_ACTION_DIM,
+                            f"config paths {cfg.data.norm_stats}, {cfg.data.tokenizer} (checkpoint without assets)")
+    data = ocp.JsonCheckpointHandler().restore(directory / "assets")
+    where = str(directory / "assets")
+    if data.get("format") != ASSETS_FORMAT:
+        raise ValueError(f"{where}: format {data.get('format')!r}, expected {ASSETS_FORMAT}")
+    proto = base64.b64decode(data["tokenizer_model"])
+    if hashlib.sha256(proto).hexdigest() != data["tokenizer_sha256"]:
+        raise ValueError(f"{where}: the stored tokenizer model does not match its sha256 {data['tokenizer_sha256']}")
+    stats = norm_stats.from_json(data, where)
+    if data["action_dim"] != LIBERO_ACTION_DIM or stats["actions"].q01.shape != (data["action_dim"],):
+        raise ValueError(f"{where}: action_dim {data['action_dim']} with action stats of shape "
+                         f"{stats['actions'].q01.shape}; this evaluation drives LIBERO's {LIBERO_ACTION_DIM}-dim actions")
+    return PolicyAssets(stats, proto, data["tokenizer_source"], data["action_dim"], "checkpoint")
 
 
 def load_trained(path: str | pathlib.Path, params: str = "ema") -> tuple[Pi05, TrainConfig]:

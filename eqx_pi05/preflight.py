@@ -122,19 +122,29 @@ def train_inputs(cfg: TrainConfig) -> tuple[TrainConfig, list[Missing]]:
     return dataclasses.replace(cfg, data=dataclasses.replace(data, dataset=dataset)), missing
 
 
-def checkpoint_inputs(checkpoint: pathlib.Path, simulator: bool = False) -> list[Missing]:
-    """What evaluating (`simulator=True`) or serving a train.py checkpoint needs that is not there."""
+def checkpoint_inputs(checkpoint: pathlib.Path, simulator: bool = False, assets_from_config: bool = False) -> list[Missing]:
+    """What evaluating (`simulator=True`) or serving a train.py checkpoint needs that is not there.
+    Its norm stats and tokenizer are in the checkpoint (`assets`); the files its config names are
+    read only for an older checkpoint without them, with `assets_from_config`."""
     from eqx_pi05.checkpoints import read_config, step_dir  # noqa: PLC0415 - orbax only here
 
     missing = []
     try:
-        cfg = read_config(step_dir(checkpoint))
+        directory = step_dir(checkpoint)
+        cfg = read_config(directory)
     except FileNotFoundError as e:
         missing.append(Missing("checkpoint (--checkpoint)", str(e),
                                "python train.py --variant NAME [--preset demo]   (writes outputs/NAME[_demo]/checkpoints/<step>/)"))
-    else:  # relative paths in the run's config are read from the current directory, as train.py read them
-        missing += _norm_stats(cfg.data, "in the checkpoint's config")
-        missing += _tokenizer(pathlib.Path(cfg.data.tokenizer), "in the checkpoint's config")
+    else:
+        if (directory / "assets").is_dir():
+            pass
+        elif not assets_from_config:
+            missing.append(Missing("norm stats and tokenizer in the checkpoint", f"{directory}/assets: not there "
+                                   "(written before train.py stored them)", "pass --assets-from-config to read the "
+                                   "files its config names (they must be the ones it was trained with)"))
+        else:  # relative paths in the run's config are read from the current directory, as train.py read them
+            missing += _norm_stats(cfg.data, "in the checkpoint's config")
+            missing += _tokenizer(pathlib.Path(cfg.data.tokenizer), "in the checkpoint's config")
     if simulator:
         missing += simulator_inputs()
     return missing

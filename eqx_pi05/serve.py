@@ -232,13 +232,20 @@ def audit_observation() -> dict:
     return policy_observation(frame, "pick up the black bowl and place it on the plate", seed=0)
 
 
-def load(checkpoint: pathlib.Path, params: Literal["ema", "params"] = "ema") -> tuple[ServerPolicy, dict]:
-    """The checkpoint's evaluation policy (its variant's eval-time camera removal), audited; + metadata."""
+def load(
+    checkpoint: pathlib.Path,
+    params: Literal["ema", "params"] = "ema",
+    eval_view: Literal["deployed", "real"] = "deployed",
+    assets_from_config: bool = False,
+) -> tuple[ServerPolicy, dict]:
+    """The checkpoint's evaluation policy (its variant's eval-time camera removal, `eval_view` for
+    view_dropout variants), audited; + metadata."""
     from eqx_pi05.eval.audit import audit_removal
     from eqx_pi05.eval.policy import load_policy
 
-    policy, info = load_policy(checkpoint, params=params, batch_size=1)
-    line = audit_removal(policy, audit_observation(), info.view_remove_eval, info.view_dropout_train)
+    policy, info = load_policy(checkpoint, params=params, batch_size=1, eval_view=eval_view,
+                               assets_from_config=assets_from_config)
+    line = audit_removal(policy, audit_observation(), info.view_remove_eval, info.view_dropout_train, info.view_dropout_eval)
     log.info(line)
     metadata = {
         "server": "eqx_pi05",
@@ -246,7 +253,9 @@ def load(checkpoint: pathlib.Path, params: Literal["ema", "params"] = "ema") -> 
         "params": params,
         "variant": info.variant,
         "mechanism": info.mechanism,
+        "eval_view": info.eval_view,
         "camera_removal": line,
+        "assets": info.assets,
     }
     return from_batched(policy), metadata
 
@@ -260,6 +269,10 @@ class Args:
     """Loopback by default; give 0.0.0.0 to serve a robot on another machine."""
     params: Literal["ema", "params"] = "ema"
     """Which weights: the EMA (default, as openpi serves) or the raw params."""
+    eval_view: Literal["deployed", "real"] = "deployed"
+    """A view_dropout variant's camera it was trained without: zeros with mask True (deployed) or the client's frame (real)."""
+    assets_from_config: bool = False
+    """Old checkpoints without stored norm stats/tokenizer: read the files their config names."""
     verbose: bool = False
     """Show the libraries' INFO logs (absl, orbax); by default one line per phase and per connection."""
 
@@ -267,9 +280,10 @@ class Args:
 def main(args: Args) -> None:
     from eqx_pi05 import preflight
 
-    preflight.exit_if_missing(preflight.checkpoint_inputs(args.checkpoint), "python -m eqx_pi05.serve")
+    preflight.exit_if_missing(preflight.checkpoint_inputs(args.checkpoint, assets_from_config=args.assets_from_config),
+                              "python -m eqx_pi05.serve")
     log.info("loading %s and compiling the policy", args.checkpoint)
-    policy, metadata = load(args.checkpoint, args.params)
+    policy, metadata = load(args.checkpoint, args.params, args.eval_view, args.assets_from_config)
     asyncio.run(serve(policy, metadata, args.host, args.port, asyncio.Event(),
                       lambda port: log.info("serving %s on ws://%s:%d", args.checkpoint, args.host, port)))
 

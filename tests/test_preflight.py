@@ -196,12 +196,16 @@ def test_evaluate_and_serve_name_the_missing_checkpoint_and_exit_2(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_checkpoint_whose_tokenizer_and_norm_stats_moved_is_named_with_both(tmp_path):
+def test_an_old_checkpoint_without_assets_whose_tokenizer_and_norm_stats_moved_is_named_with_both(tmp_path):
     paths = inputs(tmp_path)
-    fake_checkpoint(tmp_path / "run", demo(B5, paths["dataset"]))  # names dataset/tokenizer.model, dataset/norm_stats.json
-    missing = preflight.checkpoint_inputs(tmp_path / "run")
+    step = fake_checkpoint(tmp_path / "run", demo(B5, paths["dataset"]))  # names dataset/tokenizer.model, dataset/norm_stats.json
+    (missing,) = preflight.checkpoint_inputs(tmp_path / "run")  # no assets item: the flag is the way out
+    assert missing.what == "norm stats and tokenizer in the checkpoint" and "--assets-from-config" in missing.fix
+    missing = preflight.checkpoint_inputs(tmp_path / "run", assets_from_config=True)
     assert sorted(m.what.split(" (")[0] for m in missing) == ["norm stats", "tokenizer"]
     assert {str(paths["dataset"] / "tokenizer.model"), str(paths["dataset"] / "norm_stats.json")} == {m.expected.split(":")[0] for m in missing}
+    (step / "assets").mkdir()  # a checkpoint that stores them does not need the config's files
+    assert preflight.checkpoint_inputs(tmp_path / "run") == []
 
 
 def test_evaluation_names_a_missing_simulator_extra_and_an_unusable_mujoco_gl(monkeypatch):

@@ -196,8 +196,8 @@ def test_checkpoint_policy_is_audited_and_the_audit_line_logged_at_start(tmp_pat
     """`--checkpoint` goes through eval.policy.load_policy (stubbed here) and the evaluation's removal audit."""
     calls = []
 
-    def load_policy(checkpoint, params, batch_size, remove_agentview=True):
-        calls.append((checkpoint, params, batch_size))
+    def load_policy(checkpoint, params, batch_size, eval_view, assets_from_config, remove_agentview=True):
+        calls.append((checkpoint, params, batch_size, eval_view))
         info = PolicyInfo(variant="B2", backbone="full-FT", mechanism="view_remove (physical)", checkpoint=str(checkpoint),
                           view_remove_eval={"agentview": 1.0})
         return _policy(tmp_path, remove_agentview), info
@@ -205,7 +205,7 @@ def test_checkpoint_policy_is_audited_and_the_audit_line_logged_at_start(tmp_pat
     monkeypatch.setattr(eval_policy, "load_policy", load_policy, raising=False)
     with caplog.at_level(logging.INFO, logger="eqx_pi05.serve"):
         policy, metadata = serve.load(tmp_path / "ckpt")
-    assert calls == [(tmp_path / "ckpt", "ema", 1)]
+    assert calls == [(tmp_path / "ckpt", "ema", 1, "deployed")]
     assert metadata["camera_removal"] == "eval physical view-removal {agentview=1} audit=pass"
     assert metadata["camera_removal"] in caplog.text
     assert policy(request())["actions"].shape == (10, 7)

@@ -54,12 +54,17 @@ def compute_dataset_stats(source) -> dict[str, NormStats]:
     return {"state": compute(source.state), "actions": compute(source.actions[source.chunk_indices()].reshape(-1, source.actions.shape[-1]))}
 
 
+def to_json(stats: dict[str, NormStats]) -> dict:
+    """The openpi `norm_stats.json` layout: {"norm_stats": {key: {mean, std, q01, q99}}}."""
+    return {"norm_stats": {key: {f: np.asarray(getattr(s, f)).tolist() for f in ("mean", "std", "q01", "q99")}
+                           for key, s in stats.items()}}
+
+
 def save(stats: dict[str, NormStats], path: str | pathlib.Path, tasks: list[str] | None = None) -> pathlib.Path:
     """Write openpi's layout; `tasks`: the task strings of the episodes the stats were computed on."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {key: {f: np.asarray(getattr(s, f)).tolist() for f in ("mean", "std", "q01", "q99")} for key, s in stats.items()}
-    path.write_text(json.dumps({"norm_stats": body, **({"tasks": sorted(tasks)} if tasks is not None else {})}, indent=2))
+    path.write_text(json.dumps({**to_json(stats), **({"tasks": sorted(tasks)} if tasks is not None else {})}, indent=2))
     return path
 
 
@@ -73,21 +78,25 @@ def load(path: str | pathlib.Path) -> dict[str, NormStats]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"norm stats: no file at {path}")
-    data = json.loads(path.read_text())
+    return from_json(json.loads(path.read_text()), str(path))
+
+
+def from_json(data: dict, where: str) -> dict[str, NormStats]:
+    """Stats from the openpi layout (`to_json`); `where` names the source in errors."""
     if "norm_stats" not in data:
-        raise ValueError(f"norm stats {path}: expected a top-level 'norm_stats' key, found {sorted(data)}")
+        raise ValueError(f"norm stats {where}: expected a top-level 'norm_stats' key, found {sorted(data)}")
     stats = {}
     for key in KEYS:
         entry = data["norm_stats"].get(key)
         if entry is None:
-            raise ValueError(f"norm stats {path}: expected an entry {key!r}, found {sorted(data['norm_stats'])}")
+            raise ValueError(f"norm stats {where}: expected an entry {key!r}, found {sorted(data['norm_stats'])}")
         missing = [f for f in ("mean", "std", "q01", "q99") if entry.get(f) is None]
         if missing:
-            raise ValueError(f"norm stats {path}: {key} lacks {missing} (quantile normalization needs q01 and q99)")
+            raise ValueError(f"norm stats {where}: {key} lacks {missing} (quantile normalization needs q01 and q99)")
         fields = {f: np.asarray(entry[f], np.float64) for f in ("mean", "std", "q01", "q99")}
         shapes = {f: a.shape for f, a in fields.items()}
         if len(set(shapes.values())) != 1 or fields["mean"].ndim != 1:
-            raise ValueError(f"norm stats {path}: {key} fields must be vectors of one length, got {shapes}")
+            raise ValueError(f"norm stats {where}: {key} fields must be vectors of one length, got {shapes}")
         stats[key] = NormStats(**fields)
     return stats
 

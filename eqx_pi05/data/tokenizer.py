@@ -30,13 +30,19 @@ def discretize_state(state: Float[np.ndarray, " s"]) -> np.ndarray:
 class Tokenizer:
     """SentencePiece processor + openpi's prompt format, padded to `max_len` with a mask."""
 
-    def __init__(self, path: str | pathlib.Path, max_len: int):
+    def __init__(self, path: str | pathlib.Path, max_len: int, proto: bytes | None = None):
+        """`proto`: the model's bytes (a checkpoint's stored copy); then `path` only names its origin."""
         path = pathlib.Path(path)
-        if not path.is_file():
+        if proto is None and not path.is_file():
             raise FileNotFoundError(f"tokenizer: no SentencePiece model at {path}")
         self.path, self.max_len = path, max_len
-        self._proto = path.read_bytes()
+        self._proto = path.read_bytes() if proto is None else proto
         self._sp = _load(self._proto, path)
+
+    @property
+    def proto(self) -> bytes:
+        """The SentencePiece model file's bytes: the tokenizer's identity."""
+        return self._proto
 
     @property
     def vocab_size(self) -> int:

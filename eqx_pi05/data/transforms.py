@@ -16,6 +16,7 @@ LiberoInputs, where the research report injects them. Outputs go back through `l
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import numpy as np
 from jaxtyping import Float
@@ -99,7 +100,7 @@ class Transforms:
     discrete_state_input: bool
     action_horizon: int
     view_dropout_seed: int
-    view_dropout: CameraProbs  # all zeros outside training
+    view_dropout: CameraProbs  # eval: the cameras fed as zeros (--eval-view deployed)
     view_remove_seed: int
     view_remove: CameraProbs  # the train or the eval probabilities
 
@@ -115,18 +116,31 @@ class Transforms:
         return pad_state_actions(data)
 
 
-def make_transforms(cfg: DataConfig, norm_stats: dict[str, NormStats], tokenizer: Tokenizer, train: bool) -> Transforms:
+# What the policy is given at evaluation for a camera a `view_dropout` variant was trained to do
+# without: "deployed" = zeros with mask True always (a robot that has no such camera); "real" = the
+# camera's real frame (view_dropout is train-only: the research report's pipeline, its B1 number).
+# `view_remove` variants are evaluated with their view_remove.eval under both.
+EvalView = Literal["deployed", "real"]
+EVAL_VIEWS: tuple[str, ...] = ("deployed", "real")
+
+
+def make_transforms(
+    cfg: DataConfig, norm_stats: dict[str, NormStats], tokenizer: Tokenizer, train: bool, eval_view: EvalView = "deployed"
+) -> Transforms:
     """The chain for training (`train=True`: view_dropout + view_remove.train) or for the policy
-    at evaluation (`train=False`: view_remove.eval only)."""
+    at evaluation (`train=False`: view_remove.eval, and `eval_view`'s treatment of view_dropout cameras)."""
     if tokenizer.max_len != cfg.max_token_len:
         raise ValueError(f"tokenizer max_len {tokenizer.max_len} != DataConfig.max_token_len {cfg.max_token_len}")
+    if eval_view not in EVAL_VIEWS:
+        raise ValueError(f"eval_view: expected one of {EVAL_VIEWS}, got {eval_view!r}")
+    deployed = CameraProbs(**{c: 1.0 for c in cfg.view_dropout.train.active()}) if eval_view == "deployed" else CameraProbs()
     return Transforms(
         norm_stats=norm_stats,
         tokenizer=tokenizer,
         discrete_state_input=cfg.discrete_state_input,
         action_horizon=cfg.action_horizon,
         view_dropout_seed=cfg.view_dropout.seed,
-        view_dropout=cfg.view_dropout.train if train else CameraProbs(),
+        view_dropout=cfg.view_dropout.train if train else deployed,
         view_remove_seed=cfg.view_remove.seed,
         view_remove=cfg.view_remove.train if train else cfg.view_remove.eval,
     )

@@ -1,11 +1,13 @@
 """The removal audit, run before any episode (research report, B2 card: "a suspiciously high SR
 usually means the view was not actually removed").
 
-With `view_remove` active at eval, the policy is called on one observation whose removed camera
-carries random noise, then on the same observation with different noise: the actions must be
-bit-identical. A policy that reads the camera it should not see fails loudly, before a single
-episode is spent. For `view_dropout` (zeros, train only) nothing is removed at eval, and the log
-says so instead.
+A camera the policy must not see at eval is one `view_remove` removes (mask False) or, under
+`--eval-view deployed`, one a `view_dropout` variant was trained to do without (fed as zeros with
+mask True, what a robot without that camera gives). The policy is called on one observation whose
+hidden cameras carry random noise, then on the same observation with different noise: the actions
+must be bit-identical. A policy that reads a camera it should not see fails loudly, before a single
+episode is spent. Under `--eval-view real` a `view_dropout` variant sees every camera (the
+research report's pipeline), and the line says so instead.
 """
 
 from __future__ import annotations
@@ -42,27 +44,36 @@ def _actions(policy: Policy, observation: dict) -> np.ndarray:
 
 
 def audit_removal(
-    policy: Policy, observation: dict, view_remove_eval: Mapping[str, float], view_dropout_train: Mapping[str, float]
+    policy: Policy,
+    observation: dict,
+    view_remove_eval: Mapping[str, float],
+    view_dropout_train: Mapping[str, float],
+    view_dropout_eval: Mapping[str, float] | None = None,
 ) -> str:
     """Check the eval-time camera removal on `policy`; return the log line, or raise RemovalAuditError.
 
-    `view_remove_eval` / `view_dropout_train`: camera -> probability (0 entries are ignored).
+    `view_remove_eval` / `view_dropout_train` / `view_dropout_eval` (zeros fed at eval, --eval-view
+    deployed): camera -> probability (0 entries are ignored).
     `observation`: an openpi client observation (rollout.policy_observation), including its noise_seed.
     """
     removed = {c: p for c, p in view_remove_eval.items() if p > 0}
     dropped = {c: p for c, p in view_dropout_train.items() if p > 0}
-    for camera in [*removed, *dropped]:
+    zeroed = {c: p for c, p in (view_dropout_eval or {}).items() if p > 0}
+    for camera in [*removed, *dropped, *zeroed]:
         if camera not in CAMERA_KEYS:
             raise ValueError(f"camera removal audit: unknown camera {camera!r}, expected one of {list(CAMERA_KEYS)}")
-    if not removed:
-        if dropped:
-            return (f"eval view_dropout (zeros) {_settings(dropped)} is train-only: every camera reaches the "
-                    "policy at eval, nothing is removed, no removal audit")
+    parts = [f"eval physical view-removal {_settings(removed)}"] if removed else []
+    parts += [f"eval view_dropout {_settings(zeroed)} as deployed: zeros with mask True"] if zeroed else []
+    what = "; ".join(parts)
+    if not parts and dropped:
+        return (f"eval view_dropout (zeros) {_settings(dropped)} is train-only: every camera reaches the "
+                "policy at eval (--eval-view real, the report's pipeline), nothing is removed, no removal audit")
+    if not parts:
         return "eval no camera removal: every camera reaches the policy"
-    audited = [c for c, p in removed.items() if p >= 1.0]
+    audited = [c for c, p in {**removed, **zeroed}.items() if p >= 1.0]
     if not audited:
-        return f"eval physical view-removal {_settings(removed)} is stochastic (p < 1): audit=skipped"
-    failed = f"eval physical view-removal {_settings(removed)} audit=FAIL"
+        return f"{what} is stochastic (p < 1): audit=skipped"
+    failed = f"{what} audit=FAIL"
     first = _actions(policy, _with_noise(observation, audited, seed=1))
     _require_equal(first, _actions(policy, _with_noise(observation, audited, seed=1)), failed,
                    "the policy is not deterministic for a fixed observation; it must draw its sampling noise "
@@ -74,7 +85,7 @@ def audit_removal(
     if visible and np.array_equal(first, _actions(policy, _with_noise(observation, audited + visible, seed=3))):
         log.warning("removal audit: noise on the visible camera(s) %s did not change the actions either; "
                     "the policy may ignore its images altogether", visible)
-    return f"eval physical view-removal {_settings(removed)} audit=pass"
+    return f"{what} audit=pass"
 
 
 def _require_equal(a: np.ndarray, b: np.ndarray, failed: str, why: str) -> None:

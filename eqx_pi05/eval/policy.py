@@ -1,14 +1,18 @@
 """The evaluation policy: openpi client observations -> LIBERO action chunks, with our model.
 
 The input chain is the data pipeline's own (`data.transforms.make_transforms(..., train=False)`):
-LiberoInputs -> view_remove with the variant's *eval* probabilities -> quantile normalization ->
-resize -> tokenize -> pad; the output chain is `libero_outputs` (unnormalize, first 7 dims). So a
-variant trained with agentview removed is evaluated with agentview removed, by the same code.
+LiberoInputs -> view_dropout as `--eval-view` says -> view_remove with the variant's *eval*
+probabilities -> quantile normalization -> resize -> tokenize -> pad; the output chain is
+`libero_outputs` (unnormalize, first 7 dims). So a variant trained with agentview removed is
+evaluated with agentview removed, by the same code. Norm stats and tokenizer are the checkpoint's
+own (train/checkpoint.py `assets`), not the files its config names.
 
-Sampling noise comes from each observation's `noise_seed` (rollout.noise_seed: task, trial, call),
-never from a running RNG: the same observation gives the same actions, whatever else is in the
-batch and whether the run was resumed — which the removal audit and the batched/sequential
-equivalence rely on.
+An observation's actions depend on nothing else: the sampling noise comes from its `noise_seed`
+(rollout.noise_seed: task, trial, call), never from a running RNG, and the model always runs at
+one fixed batch (`batch_size` rows, unused rows padded; more observations take more calls), since
+the same observation at batch 1 and 2 gives actions ~1e-7 apart (float reassociation), which a
+closed loop amplifies into another episode. The removal audit, resumed runs and the equality of
+runs with any number of simulator workers rely on it.
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqx_pi05.compact import compact
-from eqx_pi05.data import norm_stats as norm_stats_io
+from eqx_pi05.compact import drop_cameras
+from eqx_pi05.config import IMAGE_KEYS
 from eqx_pi05.data.norm_stats import NormStats
 from eqx_pi05.data.tokenizer import Tokenizer
-from eqx_pi05.data.transforms import Transforms, libero_outputs, make_transforms, stack
+from eqx_pi05.data.transforms import EvalView, Transforms, libero_outputs, make_transforms, stack
 from eqx_pi05.eval.rollout import Policy
 from eqx_pi05.eval.run import PolicyInfo
 from eqx_pi05.model import Observation, Pi05, sample_actions
 from eqx_pi05.prompt import trim_prompt
+from eqx_pi05.views import CAMERA_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -38,32 +43,41 @@ def make_policy(
     transforms: Transforms,
     norm_stats: dict[str, NormStats],
     seed: int = 0,
-    batch_size: int | None = None,
+    batch_size: int = 1,
     num_steps: int = 10,
 ) -> Policy:
-    """A batched policy. `batch_size`: pad every call to this many samples (the worker count), so
-    the jitted sampler compiles once; padding rows are dropped."""
+    """A batched policy whose model calls all have `batch_size` rows (one compiled program, and
+    actions that do not depend on how many observations came together)."""
+    if batch_size < 1:
+        raise ValueError(f"policy batch_size: expected >= 1, got {batch_size}")
     config = model.config
     base_key = jax.random.key(seed)
+    # Slots no row ever attends to, decided by the config, not by the batch (a batch-dependent
+    # choice would make a row's actions depend on its batch mates): the padding slot, and cameras
+    # the eval transforms always remove. Leaving them out is the same function, less compute.
+    never_seen = [IMAGE_KEYS[2]] + [CAMERA_SLOTS[c] for c, p in transforms.view_remove.active().items() if p >= 1.0]
 
     def noise(seed_: int) -> jax.Array:
         return jax.random.normal(jax.random.fold_in(base_key, seed_), (config.action_horizon, config.action_dim))
 
+    def call(samples: list[dict], seeds: list[int]) -> np.ndarray:
+        pad = batch_size - len(samples)
+        batch = stack(samples + samples[-1:] * pad)
+        eps = jnp.stack([noise(s) for s in seeds + seeds[-1:] * pad])
+        # The prompt's trailing padding is cut to a bucket of the call's longest prompt (LIBERO's 15-21
+        # tokens are all in the 32 bucket, so that is no batch mate's doing either).
+        obs = Observation.from_batch(trim_prompt(drop_cameras(batch, never_seen)))
+        actions = sample_actions(model, obs, eps, num_steps=num_steps)
+        return np.asarray(actions)[: len(samples)]
+
     def policy(observations: list[dict]) -> np.ndarray:
-        n = len(observations)
-        if n == 0:
+        if not observations:
             raise ValueError("policy: called with no observations")
         seeds = [int(obs["noise_seed"]) for obs in observations]
         # The sample index drives view_remove's per-sample draw (deterministic per query for p < 1).
         samples = [transforms(obs, index=s) for obs, s in zip(observations, seeds)]
-        pad = max(0, (batch_size or n) - n)
-        batch = stack(samples + samples[-1:] * pad)
-        eps = jnp.stack([noise(s) for s in seeds + seeds[-1:] * pad])
-        # Slots no row attends to (the padding slot; agentview under view_remove) and the prompt's
-        # trailing padding (to a bucket) are left out: the same function, without their tokens.
-        obs = Observation.from_batch(trim_prompt(compact(batch)))
-        actions = sample_actions(model, obs, eps, num_steps=num_steps)
-        return libero_outputs(np.asarray(actions)[:n], norm_stats)
+        parts = [call(samples[i : i + batch_size], seeds[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+        return libero_outputs(np.concatenate(parts), norm_stats)
 
     return policy
 
@@ -85,31 +99,41 @@ def mechanism(cfg) -> str:
 
 
 def load_policy(
-    checkpoint: str | pathlib.Path, params: str = "ema", batch_size: int = 1, seed: int = 0
+    checkpoint: str | pathlib.Path,
+    params: str = "ema",
+    batch_size: int = 1,
+    seed: int = 0,
+    eval_view: EvalView = "deployed",
+    assets_from_config: bool = False,
 ) -> tuple[Policy, PolicyInfo]:
     """The policy of a train.py checkpoint: its model (EMA params by default), with the transform
-    chain and eval-time camera removal of its training config, tokenizer and norm stats from the
-    paths that config names."""
-    from eqx_pi05.checkpoints import load_trained, step_dir  # noqa: PLC0415 - orbax only here
+    chain and eval-time camera removal of its training config (`eval_view` for view_dropout
+    variants), norm stats and tokenizer from the checkpoint's assets (`assets_from_config`: from the
+    paths its config names, for a checkpoint written before train.py stored them)."""
+    from eqx_pi05.checkpoints import load_trained, read_assets, step_dir  # noqa: PLC0415 - orbax only here
 
     directory = step_dir(checkpoint)
+    assets = read_assets(directory, from_config_paths=assets_from_config)
     model, cfg = load_trained(directory, params=params)
     used = "ema" if params == "ema" and (directory / "ema").is_dir() else "params"
     if used != params:
         log.warning("%s: the run kept no EMA (ema_decay=None), evaluating its raw params", directory)
-    for what, path in (("norm stats", cfg.data.norm_stats), ("tokenizer", cfg.data.tokenizer)):
-        if not pathlib.Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint {directory}: its config names {what} {path}, which is not a file "
-                                    f"(relative paths are read from the current directory {pathlib.Path.cwd()})")
-    stats = norm_stats_io.load(cfg.data.norm_stats)
-    transforms = make_transforms(cfg.data, stats, Tokenizer(cfg.data.tokenizer, cfg.data.max_token_len), train=False)
+    if assets.origin != "checkpoint":
+        log.warning("%s: norm stats and tokenizer read from %s", directory, assets.origin)
+    tokenizer = Tokenizer(assets.tokenizer_source, cfg.data.max_token_len, proto=assets.tokenizer_model)
+    transforms = make_transforms(cfg.data, assets.norm_stats, tokenizer, train=False, eval_view=eval_view)
     info = PolicyInfo(
         variant=cfg.name,
         backbone="LoRA" if cfg.is_lora else "full-FT",
         mechanism=mechanism(cfg),
         checkpoint=f"{directory} ({used})",
-        view_remove_eval=cfg.data.view_remove.eval.active(),
+        view_remove_eval=transforms.view_remove.active(),
         view_dropout_train=cfg.data.view_dropout.train.active(),
+        eval_view=eval_view,
+        view_dropout_eval=transforms.view_dropout.active(),
+        assets=f"{assets.origin} sha256:{assets.fingerprint}",
+        policy_batch=batch_size,
     )
-    log.info("policy %s: %s, %s, eval view_remove %s", cfg.name, info.backbone, info.mechanism, info.view_remove_eval)
-    return make_policy(model, transforms, stats, seed=seed, batch_size=batch_size), info
+    log.info("policy %s: %s, %s, eval view %s (view_remove %s, zeros %s), assets %s", cfg.name, info.backbone,
+             info.mechanism, eval_view, info.view_remove_eval, info.view_dropout_eval, info.assets)
+    return make_policy(model, transforms, assets.norm_stats, seed=seed, batch_size=batch_size), info

@@ -72,7 +72,7 @@ def summarize(results: Sequence[EpisodeResult], tasks: Sequence[Task], planned: 
         rows.append({
             "task": task.index, "language": task.language, "successes": wins, "episodes": len(done),
             "planned": planned.get(task.index, 0), "success_rate": wins / len(done) if done else None,
-            "text": format_rate(wins, len(done)),
+            "text": format_rate(wins, len(done)) if planned.get(task.index, 0) else "not run",
         })
     wins = sum(r["successes"] for r in rows)
     total = sum(r["episodes"] for r in rows)
@@ -97,25 +97,36 @@ def markdown(summary: dict, header: dict) -> str:
     return "\n".join(lines)
 
 
-def bar_chart(summary: dict, path: pathlib.Path, title: str) -> None:
+def chart(summary: dict, title: str):
+    """Per-task success bars (a matplotlib Figure); a task with no episode says "not run" rather than
+    drawing a 0 % bar, and the legend sits outside the axes, clear of the bar labels."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     rows = summary["per_task"]
-    rates = [100 * (r["success_rate"] or 0.0) for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.0))
-    bars = ax.bar([str(r["task"]) for r in rows], rates, color="#D97757")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 3.5), 4.0))
+    bars = ax.bar([str(r["task"]) for r in rows], [100 * (r["success_rate"] or 0.0) for r in rows], color="#D97757")
     for bar, r in zip(bars, rows):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 1, f"{r['successes']}/{r['episodes']}",
-                ha="center", va="bottom", fontsize=8)
+        x = bar.get_x() + bar.get_width() / 2
+        if r["episodes"]:
+            ax.text(x, bar.get_height() + 1, f"{r['successes']}/{r['episodes']}", ha="center", va="bottom", fontsize=8)
+        else:
+            ax.text(x, 2, "not run", ha="center", va="bottom", fontsize=8, rotation=90, color="#87867F")
     total = summary["total"]
     if total["success_rate"] is not None:
         ax.axhline(100 * total["success_rate"], color="#3D3D3A", ls="--", lw=1, label=f"all: {total['text']}")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set(ylim=(0, 110), xlabel="task", ylabel="success rate (%)", title=title)
     fig.tight_layout()
+    return fig
+
+
+def bar_chart(summary: dict, path: pathlib.Path, title: str) -> None:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig = chart(summary, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

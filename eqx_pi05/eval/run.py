@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from eqx_pi05.eval import results, sim
+from eqx_pi05.eval import results, sim, video
 from eqx_pi05.eval.audit import RemovalAuditError, audit_removal
 from eqx_pi05.eval.batched import Settings, plan_chunks, run_chunks
 from eqx_pi05.eval.rollout import MAX_STEPS, Env, EpisodeResult, Policy, noise_seed, policy_observation
@@ -68,10 +68,22 @@ class PolicyInfo:
     checkpoint: str
     view_remove_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     view_dropout_train: dict[str, float] = dataclasses.field(default_factory=dict)
+    # --eval-view (data.transforms.EvalView) and what it implies: cameras fed as zeros at eval.
+    eval_view: str = "deployed"
+    view_dropout_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    assets: str = ""  # where the norm stats and tokenizer came from, and their fingerprint
+    policy_batch: int = 1  # rows of every model call (actions depend on it, not on num_envs)
+
+    @property
+    def hidden(self) -> tuple[str, ...]:
+        """Cameras the policy never reads: removed, or fed as zeros, in every sample."""
+        probs = {**self.view_remove_eval, **self.view_dropout_eval}
+        return tuple(c for c in sim.SIM_CAMERAS if probs.get(c, 0.0) >= 1.0)
 
 
-# Fields that must match for a rerun to continue an output directory's episodes.
-_RESUME_KEYS = ("suite", "n", "max_steps", "seed", "variant", "checkpoint", "tasks")
+# Fields that must match for a rerun to continue an output directory's episodes: everything that can
+# change an episode. Not num_envs: the policy's fixed batch makes episodes independent of it.
+_RESUME_KEYS = ("suite", "n", "max_steps", "seed", "variant", "checkpoint", "tasks", "eval_view", "policy_batch", "assets")
 
 
 def _check_resume(out_dir: pathlib.Path, identity: dict) -> None:
@@ -135,12 +147,17 @@ def select_tasks(tasks: list[sim.Task], indices: tuple[int, ...] | None) -> list
 def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
     start = time.perf_counter()
     tasks = select_tasks(list(tasks) if tasks is not None else sim.suite_tasks(config.suite), config.tasks)
-    make_env = make_env or functools.partial(sim.LiberoEnv, seed=config.seed)
+    # Render only the cameras the policy reads (rendering is ~95 % of a CPU step); the audit feeds the
+    # hidden ones synthetic frames anyway, and the video greys them.
+    rendered = tuple(c for c in sim.SIM_CAMERAS if c not in info.hidden) if make_env is None else "the caller's make_env"
+    make_env = make_env or functools.partial(sim.LiberoEnv, seed=config.seed, cameras=rendered)
     identity = {"suite": config.suite, "n": config.n, "max_steps": config.steps, "seed": config.seed,
                 "variant": info.variant, "checkpoint": info.checkpoint,
-                "tasks": None if config.tasks is None else list(config.tasks)}
+                "tasks": None if config.tasks is None else list(config.tasks), "eval_view": info.eval_view,
+                "policy_batch": info.policy_batch, "assets": info.assets}
     _check_resume(out, identity)
-    log.info("evaluation %s", json.dumps({**identity, "num_envs": config.num_envs, "output_dir": str(out)}))
+    log.info("evaluation %s", json.dumps({**identity, "num_envs": config.num_envs, "rendered_cameras": rendered,
+                                          "output_dir": str(out)}))
 
     first_env = make_env(tasks[0])
     try:
@@ -149,7 +166,7 @@ def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
     finally:
         first_env.close()
     try:
-        audit_line = audit_removal(policy, first, info.view_remove_eval, info.view_dropout_train)
+        audit_line = audit_removal(policy, first, info.view_remove_eval, info.view_dropout_train, info.view_dropout_eval)
     except RemovalAuditError as e:
         log.error("%s", e)  # the evidence stays in eval.log; no episode runs
         raise
@@ -157,14 +174,18 @@ def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
 
     counts = results.episodes_per_task(config.n, len(tasks), trials_available)
     planned = {t.index: c for t, c in zip(tasks, counts)}
+    if 0 in counts:
+        log.warning("n=%d is below the suite's %d tasks: only the first %d tasks (%s) are evaluated", config.n,
+                    len(tasks), config.n, ", ".join(str(t.index) for t, c in zip(tasks, counts) if c))
     done = {(r.task, r.trial) for r in results.load_episodes(out)}
+    video.remove_orphans(out / "videos", done)
     todo = {t: [e for e in range(planned[t.index]) if (t.index, e) not in done] for t in tasks}
     remaining = sum(map(len, todo.values()))
     log.info("%d episodes planned, %d already in %s, %d to run", config.n, config.n - remaining,
              results.EPISODES, remaining)
     order = sorted(((e, t.index) for t in tasks for e in range(planned[t.index])))[: config.videos]
-    videos = {(ti, e): out / "videos" / f"task{ti:02d}_trial{e:02d}" for e, ti in order if (ti, e) not in done}
-    greyed = tuple(c for c, p in info.view_remove_eval.items() if p >= 1.0)
+    videos = {(ti, e): video.stem(out / "videos", ti, e) for e, ti in order if (ti, e) not in done}
+    greyed = info.hidden
 
     bar = tqdm(total=remaining, desc="episodes", unit="ep")
 
@@ -182,7 +203,8 @@ def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
     wall = time.perf_counter() - start
     summary = results.summarize(results.load_episodes(out), tasks, planned)
     header = {**identity, "backbone": info.backbone, "mechanism": info.mechanism, "audit": audit_line,
-              "num_envs": config.num_envs, "wall_seconds_this_invocation": round(wall, 1),
+              "tasks_evaluated": sum(c > 0 for c in counts), "num_envs": config.num_envs,
+              "rendered_cameras": rendered, "wall_seconds_this_invocation": round(wall, 1),
               "episodes_this_invocation": remaining,
               "episodes_per_hour_this_invocation": round(3600 * remaining / wall, 1) if remaining else None}
     paths = results.write_results(out, summary, header)

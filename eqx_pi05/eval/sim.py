@@ -32,6 +32,9 @@ from jaxtyping import Float, UInt8
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 RESOLUTION = 256
 ENV_SEED = 7
+# Our camera name -> robosuite's camera and observation key. Rendering is ~95 % of a CPU step, so an
+# env renders only the cameras the policy reads; the others come out as black frames.
+SIM_CAMERAS = {"agentview": ("agentview", "agentview_image"), "wrist": ("robot0_eye_in_hand", "robot0_eye_in_hand_image")}
 
 
 class SimObservation(TypedDict):
@@ -94,11 +97,13 @@ def quat2axisangle(quat: Float[np.ndarray, "4"]) -> Float[np.ndarray, "3"]:
     return np.asarray(quat[:3], dtype=np.float64) * 2.0 * math.acos(w) / den
 
 
-def sim_observation(raw: dict) -> SimObservation:
-    """The raw robosuite observation → rotated images and the 8-dim state."""
+def sim_observation(raw: dict, resolution: int = RESOLUTION) -> SimObservation:
+    """The raw robosuite observation → rotated images and the 8-dim state; a camera that was not
+    rendered is a black frame."""
+    black = np.zeros((resolution, resolution, 3), np.uint8)
+    images = {c: np.ascontiguousarray(raw[key][::-1, ::-1]) if key in raw else black for c, (_, key) in SIM_CAMERAS.items()}
     return SimObservation(
-        agentview=np.ascontiguousarray(raw["agentview_image"][::-1, ::-1]),
-        wrist=np.ascontiguousarray(raw["robot0_eye_in_hand_image"][::-1, ::-1]),
+        **images,
         state=np.concatenate(
             [raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
         ),
@@ -106,15 +111,24 @@ def sim_observation(raw: dict) -> SimObservation:
 
 
 class LiberoEnv:
-    """One task's simulator: `reset(trial)` then `step(action)` until done."""
+    """One task's simulator: `reset(trial)` then `step(action)` until done.
 
-    def __init__(self, task: Task, seed: int = ENV_SEED, resolution: int = RESOLUTION):
+    `cameras`: the ones rendered (all by default). Physics and scenes do not depend on it: the same
+    actions give the same states and the same frames of the rendered cameras.
+    """
+
+    def __init__(self, task: Task, seed: int = ENV_SEED, resolution: int = RESOLUTION,
+                 cameras: tuple[str, ...] = tuple(SIM_CAMERAS)):
         _, OffScreenRenderEnv = _libero()
-        self.task = task
+        unknown = set(cameras) - set(SIM_CAMERAS)
+        if unknown or not cameras:
+            raise ValueError(f"LiberoEnv cameras: expected a non-empty subset of {list(SIM_CAMERAS)}, got {cameras}")
+        self.task, self.resolution = task, resolution
         self._init_states = init_states(task)
         self.num_trials = len(self._init_states)
         self._env = OffScreenRenderEnv(
-            bddl_file_name=task.bddl_file, camera_heights=resolution, camera_widths=resolution
+            bddl_file_name=task.bddl_file, camera_heights=resolution, camera_widths=resolution,
+            camera_names=[SIM_CAMERAS[c][0] for c in SIM_CAMERAS if c in cameras],
         )
         outer = np.random.get_state()
         self._env.seed(seed)  # = np.random.seed(seed): LIBERO draws its scene from the global RNG
@@ -144,7 +158,7 @@ class LiberoEnv:
                 self._env.reset()
                 self.resets += 1
             raw = self._env.set_init_state(self._init_states[trial])
-        return sim_observation(raw)
+        return sim_observation(raw, self.resolution)
 
     def reset_sampled(self, seed: int) -> SimObservation:
         """A scene drawn by the task's own placement sampler from `seed`, not a fixed initial state.
@@ -162,7 +176,7 @@ class LiberoEnv:
     def step(self, action: Float[np.ndarray, "7"]) -> tuple[SimObservation, bool]:
         with self._private_rng():
             raw, _, done, _ = self._env.step(np.asarray(action, dtype=np.float64).tolist())
-        return sim_observation(raw), bool(done)
+        return sim_observation(raw, self.resolution), bool(done)
 
     def close(self) -> None:
         self._env.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 
 import numpy as np
 from jaxtyping import UInt8
@@ -11,6 +13,9 @@ from jaxtyping import UInt8
 from eqx_pi05.eval.sim import SimObservation
 
 FPS = 10  # as the reference's replay videos
+_NAME = re.compile(r"task(\d+)_trial(\d+)_(success|failure|partial)\.mp4")
+
+log = logging.getLogger(__name__)
 
 
 def grey(image: UInt8[np.ndarray, "h w 3"]) -> UInt8[np.ndarray, "h w 3"]:
@@ -44,3 +49,22 @@ class EpisodeVideo:
         path = self.stem.with_name(f"{self.stem.name}_{'success' if success else 'failure'}.mp4")
         self._partial.replace(path)
         return path
+
+
+def stem(directory: pathlib.Path, task: int, trial: int) -> pathlib.Path:
+    return pathlib.Path(directory) / f"task{task:02d}_trial{trial:02d}"
+
+
+def remove_orphans(directory: pathlib.Path, done: Collection[tuple[int, int]]) -> list[pathlib.Path]:
+    """Delete videos of episodes without a record (task, trial) in `done`: a run killed between an
+    episode's end and its record, or during the episode (a .partial.mp4). The rerun records them anew."""
+    removed = []
+    for path in sorted(pathlib.Path(directory).glob("task*_trial*.mp4")):
+        match = _NAME.fullmatch(path.name.replace(".partial.mp4", "_partial.mp4"))
+        if match and (match[3] == "partial" or (int(match[1]), int(match[2])) not in done):
+            path.unlink()
+            removed.append(path)
+    if removed:
+        log.info("removed %d video(s) of episodes with no record (the last run was killed): %s", len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed

@@ -116,6 +116,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     shardings = fsdp_shardings(shapes, mesh, cfg.fsdp_min_bytes)
     logger.info("loading the dataset %s", cfg.data.dataset)
     data_iter = iter(make_data_loader(cfg.data))
+    assets = checkpoints.policy_assets(cfg)  # the stats and tokenizer this run trains with, in every checkpoint
     if cfg.resume and mgr.latest_step() is not None:
         check_resume_config(checkpoints.read_config(out / "checkpoints"), cfg)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
@@ -175,7 +176,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         pending, t0 = [], time.perf_counter()
         if done % cfg.save_interval == 0 or done == n:
             logger.info("saving checkpoint %d in %s", done, mgr.directory)
-            checkpoints.save(mgr, state, data_iter, cfg)
+            checkpoints.save(mgr, state, data_iter, cfg, assets)
     mgr.wait_until_finished()
     log.close()
     return records
