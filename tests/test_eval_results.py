@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import pathlib
 import sys
 
@@ -181,3 +182,46 @@ def test_tasks_selects_a_subset_of_the_suite_and_n_is_spread_over_it(tmp_path):
         evaluate(_config(tmp_path, "bad", tasks=(0, 5)), wrist_only_policy, REMOVE, TASKS, FakeEnv)
     with pytest.raises(ValueError, match="--tasks"):
         _config(tmp_path, "dup", tasks=(1, 1))
+
+
+def test_a_resumed_run_removes_videos_of_episodes_without_a_record(tmp_path, caplog):
+    """A run killed during an episode leaves a .partial.mp4, one killed between a video and its record
+    leaves a finished video: on resume neither stays beside the records."""
+    cfg = _config(tmp_path, "cut", n=3, videos=3)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(cfg, StopAfter(11), REMOVE, TASKS, FakeEnv)  # 4 audit calls, tasks 0 and 1, task 2 cut
+    videos = cfg.output_dir / "videos"
+    assert {(r.task, r.trial) for r in results.load_episodes(cfg.output_dir)} == {(0, 0), (1, 0)}
+    assert [p.name for p in videos.glob("task02*")] == ["task02_trial00.partial.mp4"]
+    orphan = videos / "task02_trial00_failure.mp4"  # as if killed after the video, before its record
+    orphan.write_bytes(b"not a real video")
+    with caplog.at_level(logging.INFO, logger="eqx_pi05"):
+        evaluate(cfg, wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    assert "with no record" in caplog.text
+    names = sorted(p.name for p in videos.iterdir())
+    recorded = {(r.task, r.trial, "success" if r.success else "failure") for r in results.load_episodes(cfg.output_dir)}
+    assert names == sorted(f"task{t:02d}_trial{e:02d}_{o}.mp4" for t, e, o in recorded)
+    assert orphan.stat().st_size > len(b"not a real video")  # the rerun episode's own video
+
+
+def test_n_below_the_task_count_says_it_evaluates_only_the_first_n_tasks(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="eqx_pi05"):
+        res = evaluate(_config(tmp_path, "two", n=2, videos=0), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    assert "n=2 is below the number of tasks (3): only the first 2 (tasks 0, 1) are evaluated" in caplog.text
+    assert res["tasks_evaluated"] == 2 and res["per_task"][2]["text"] == "not run"
+    assert "| 2 | " + TASKS[2].language + " | not run |" in (tmp_path / "two" / "results.md").read_text()
+
+
+def test_chart_draws_a_task_with_no_episodes_as_not_run_and_keeps_its_legend_off_the_labels():
+    rows = [{"task": i, "successes": s, "episodes": e, "success_rate": s / e if e else None}
+            for i, (s, e) in enumerate([(50, 50), (45, 50), (3, 50), (0, 50), (1, 50), (0, 0), (0, 0)])]
+    summary = {"per_task": rows, "total": {"success_rate": 99 / 250, "text": "39.6% (99/250)"}}
+    fig = results.chart(summary, "B2 libero_spatial")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts]
+    assert [t.get_text() for t in labels] == ["50/50", "45/50", "3/50", "0/50", "1/50", "not run", "not run"]
+    legend = ax.get_legend().get_window_extent(renderer)
+    for text in labels:
+        assert not legend.overlaps(text.get_window_extent(renderer)), text.get_text()

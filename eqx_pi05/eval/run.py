@@ -149,8 +149,8 @@ def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
     tasks = select_tasks(list(tasks) if tasks is not None else sim.suite_tasks(config.suite), config.tasks)
     # Render only the cameras the policy reads (rendering is ~95 % of a CPU step); the audit feeds the
     # hidden ones synthetic frames anyway, and the video greys them.
-    rendered = tuple(c for c in sim.SIM_CAMERAS if c not in info.hidden) if make_env is None else "the caller's make_env"
-    make_env = make_env or functools.partial(sim.LiberoEnv, seed=config.seed, cameras=rendered)
+    rendered = [c for c in sim.SIM_CAMERAS if c not in info.hidden] if make_env is None else "the caller's make_env"
+    make_env = make_env or functools.partial(sim.LiberoEnv, seed=config.seed, cameras=tuple(rendered))
     identity = {"suite": config.suite, "n": config.n, "max_steps": config.steps, "seed": config.seed,
                 "variant": info.variant, "checkpoint": info.checkpoint,
                 "tasks": None if config.tasks is None else list(config.tasks), "eval_view": info.eval_view,
@@ -175,7 +175,7 @@ def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
     counts = results.episodes_per_task(config.n, len(tasks), trials_available)
     planned = {t.index: c for t, c in zip(tasks, counts)}
     if 0 in counts:
-        log.warning("n=%d is below the suite's %d tasks: only the first %d tasks (%s) are evaluated", config.n,
+        log.warning("n=%d is below the number of tasks (%d): only the first %d (tasks %s) are evaluated", config.n,
                     len(tasks), config.n, ", ".join(str(t.index) for t, c in zip(tasks, counts) if c))
     done = {(r.task, r.trial) for r in results.load_episodes(out)}
     video.remove_orphans(out / "videos", done)
