@@ -261,24 +261,24 @@ class Recorder:
 @needs_libero
 @pytest.mark.slow
 def test_real_libero_episodes_are_bit_identical_with_one_and_two_simulator_workers(parts, tmp_path):
-    """Issue 12 point 2: the policy runs at a fixed batch of 2, so one env (each call padded) and two
-    workers (calls shared) give the same observations, actions and episodes, bit for bit. (At batch
-    1 vs 2 the actions differ by ~1e-6, test_policy_actions_do_not_depend_..., and a closed loop
-    turns that into other states.)"""
+    """Issue 12 point 2: at a fixed policy batch (2 here), one env and two worker processes give the
+    same observations, actions and episodes, bit for bit. Whether two workers' requests share a call
+    depends on timing; the fixed batch makes it irrelevant (test_policy_actions_do_not_depend_...).
+    The contrast run at batch 1 (what --num-envs 1 ran at before) gives other actions."""
     model, transforms, stats = parts
-    info = PolicyInfo("wristonly_physdrop", "full-FT", "view_remove (physical)", "fixture",
-                      view_remove_eval={"agentview": 1.0}, policy_batch=2)
-    runs = {}
-    for num_envs in (1, 2):
-        policy = Recorder(make_policy(model, transforms, stats, batch_size=2))
-        out = tmp_path / f"envs{num_envs}"
+    runs = []
+    for num_envs, batch in ((1, 2), (2, 2), (1, 1)):
+        info = PolicyInfo("wristonly_physdrop", "full-FT", "view_remove (physical)", "fixture",
+                          view_remove_eval={"agentview": 1.0}, policy_batch=batch)
+        policy = Recorder(make_policy(model, transforms, stats, batch_size=batch))
+        out = tmp_path / f"envs{num_envs}_batch{batch}"
         evaluate(EvalConfig(n=2, output_dir=out, num_envs=num_envs, max_steps=10, videos=0), policy, info)
         episodes = sorted((r.task, r.trial, r.success, r.steps, r.error) for r in results.load_episodes(out))
-        runs[num_envs] = episodes, sorted(policy.calls), max(policy.batch_sizes)
-    (one, one_calls, one_batch), (two, two_calls, two_batch) = runs.values()
+        runs.append((episodes, sorted(policy.calls)))
+    (one, one_calls), (two, two_calls), (_, batch1_calls) = runs
     assert one == two == [(0, 0, False, 10, None), (1, 0, False, 10, None)]
     assert one_calls == two_calls and len(one_calls) == 4 + 4  # 4 audit calls, 2 episodes x 2 replans
-    assert (one_batch, two_batch) == (1, 2)  # the two workers' observations did share calls
+    assert batch1_calls != one_calls
 
 
 @needs_libero
