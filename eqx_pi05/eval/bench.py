@@ -1,15 +1,18 @@
 """Simulator throughput on this machine: env creation, seconds per step, episodes/hour.
 
-    python -m eqx_pi05.eval.bench [--episodes 4] [--num-envs 1 2] [--max-steps 220]
+    python -m eqx_pi05.eval.bench [--episodes 4] [--num-envs 1 2] [--max-steps 220] [--render both wrist]
 
 A stub policy that holds the arm still (never succeeds) keeps every episode at full length, so the
-figures are the simulator's cost of a worst-case episode, without the model.
+figures are the simulator's cost of a worst-case episode, without the model. `--render both` is a
+both-camera policy (and what every evaluation rendered before only the read cameras were);
+`wrist` a wrist-only policy (agentview removed), whose env renders the wrist camera only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import tempfile
 import time
@@ -26,10 +29,13 @@ def hold_still(observations: list[dict]) -> np.ndarray:
     return np.broadcast_to(SETTLE_ACTION, (len(observations), 10, 7)).copy()
 
 
-def time_env(suite: str, steps: int) -> dict:
+RENDER = {"both": ("agentview", "wrist"), "wrist": ("wrist",)}
+
+
+def time_env(suite: str, steps: int, cameras: tuple[str, ...] = RENDER["both"]) -> dict:
     task = sim.suite_tasks(suite)[0]
     t0 = time.perf_counter()
-    env = sim.LiberoEnv(task)
+    env = sim.LiberoEnv(task, cameras=cameras)
     created = time.perf_counter() - t0
     t0 = time.perf_counter()
     env.reset(0)
@@ -99,24 +105,30 @@ class Args:
     steps: int = 50
     # Batch sizes for the tiny-model policy call timing; empty to skip.
     policy_batch_sizes: tuple[int, ...] = (1, 2)
+    # Cameras rendered: "both" (a both-camera policy), "wrist" (a wrist-only policy renders only the wrist).
+    render: tuple[str, ...] = ("both", "wrist")
 
 
 def main(args: Args) -> dict:
     out = {"policy": time_policy(args.policy_batch_sizes)} if args.policy_batch_sizes else {}
     print(json.dumps(out), flush=True)
-    out["single_env"] = time_env(args.suite, args.steps)
-    print(json.dumps(out), flush=True)
-    info = PolicyInfo("hold_still", "none", "none", "stub")
-    for k in args.num_envs:
-        with tempfile.TemporaryDirectory() as d:
-            cfg = EvalConfig(n=args.episodes, suite=args.suite, output_dir=pathlib.Path(d), num_envs=k,
-                             max_steps=args.max_steps, videos=0)
-            t0 = time.perf_counter()
-            evaluate(cfg, hold_still, info)
-            wall = time.perf_counter() - t0
-        out[f"num_envs={k}"] = {"episodes": args.episodes, "wall_s": round(wall, 1),
-                                "episodes_per_hour": round(3600 * args.episodes / wall, 1)}
-        print(json.dumps({f"num_envs={k}": out[f"num_envs={k}"]}), flush=True)
+    for render in args.render:
+        out[f"single_env_{render}"] = time_env(args.suite, args.steps, RENDER[render])
+        print(json.dumps({f"single_env_{render}": out[f"single_env_{render}"]}), flush=True)
+    for render in args.render:
+        hidden = {c: 1.0 for c in RENDER["both"] if c not in RENDER[render]}
+        info = PolicyInfo("hold_still", "none", "none", "stub", view_remove_eval=hidden)
+        for k in args.num_envs:
+            with tempfile.TemporaryDirectory() as d:
+                cfg = EvalConfig(n=args.episodes, suite=args.suite, output_dir=pathlib.Path(d), num_envs=k,
+                                 max_steps=args.max_steps, videos=0)
+                t0 = time.perf_counter()
+                evaluate(cfg, hold_still, info)
+                wall = time.perf_counter() - t0
+            key = f"num_envs={k} render={render}"
+            out[key] = {"episodes": args.episodes, "wall_s": round(wall, 1),
+                        "episodes_per_hour": round(3600 * args.episodes / wall, 1), "load_avg_1min": os.getloadavg()[0]}
+            print(json.dumps({key: out[key]}), flush=True)
     return out
 
 
