@@ -10,6 +10,7 @@ steps are shared between tests (equal StepConfigs give one jitted function).
 import collections
 import dataclasses
 import json
+import pathlib
 import shutil
 
 import jax
@@ -115,6 +116,8 @@ def test_checkpoints_hold_the_ema_update_and_load_for_evaluation(runs):
     (ema1, _), (ema2, loaded_cfg) = (checkpoints.load_trained(cfg.run_dir / "checkpoints" / str(s)) for s in (1, 2))
     params2, _ = checkpoints.load_trained(cfg.run_dir, params="params")
     assert loaded_cfg == cfg
+    assets = checkpoints.read_assets(cfg.run_dir)  # what evaluation reads instead of the config's paths
+    assert assets.origin == "checkpoint" and assets.tokenizer_model == pathlib.Path(cfg.data.tokenizer).read_bytes()
     expected = ema_update(ema1, params2, cfg.ema_decay)
     for got, want in zip(jax.tree.leaves(ema2), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(got, want)
