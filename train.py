@@ -91,10 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     preflight.exit_if_missing(missing, "train.py", demo_hint)
     # As openpi: compiled steps persist across runs (a rerun of the demo skips its ~half-minute compiles).
     jax.config.update("jax_compilation_cache_dir", str(pathlib.Path.home() / ".cache" / "jax"))
+    from eqx_pi05.checkpoints import CorruptCheckpoint  # noqa: PLC0415
+    from eqx_pi05.lock import DirectoryInUse  # noqa: PLC0415
+
     try:
         with logging_redirect_tqdm():  # phase lines above the progress bar, not through it
             records = train(cfg)
-    except FloatingPointError as e:
+    except (FloatingPointError, DirectoryInUse, CorruptCheckpoint, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"train.py: {e}")
     if records:
         first, last = records[0], records[-1]

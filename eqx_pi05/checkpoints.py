@@ -16,10 +16,14 @@ Trainer layout: orbax CheckpointManager under OUTPUT_DIR/checkpoints/<step>/ wit
              tokenizer model (its bytes), read once from the config's paths when the run starts
              (`policy_assets`); evaluation and serving read them from here (`read_assets`), never
              from those paths, so replacing a file there cannot change an evaluated policy
+    checksums  {item: {leaf path: checksum of its bits}} of params, ema and train
 
 <step> is the number of completed steps. orbax writes into a temporary directory and renames it
 when complete, so a killed save leaves the previous checkpoint the latest; saves run in the
-background (`async_checkpoint`), and keep the newest `keep_checkpoints`.
+background (`async_checkpoint`), and keep the newest `keep_checkpoints` (2 by default, so a
+corrupt latest one has an intact one behind it). Every restore compares the arrays with their
+checksums (a truncated or altered file is found, not trained on), and a state holding NaN or inf
+is never saved: the latest checkpoint is always a good one.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import logging
 import os
 import pathlib
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
@@ -44,6 +50,8 @@ from eqx_pi05.data.transforms import LIBERO_ACTION_DIM
 from eqx_pi05.model import Pi05
 from eqx_pi05.train.config import TrainConfig, from_json, to_json
 from eqx_pi05.trainable import trainable_filter
+
+log = logging.getLogger(__name__)
 
 load_openpi = openpi.load_checkpoint
 load_lerobot = lerobot.load
@@ -58,7 +66,7 @@ def load_weights(path: str | os.PathLike, config: Pi05Config, *, lora_seed: int 
     return load_openpi(path, config, lora_seed=lora_seed)
 
 
-def manager(directory: pathlib.Path, keep: int = 1, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(directory: pathlib.Path, keep: int = 2, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
@@ -82,42 +90,126 @@ def policy_assets(cfg: TrainConfig) -> dict:
     }
 
 
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose arrays do not match the checksums written with it, or that cannot be read."""
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """The raw bits of `x` as uint32 (1-, 2- and 4-byte dtypes)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+
+
+@jax.jit
+def _digest(tree) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Per leaf: a checksum of its bits (sum of bits x an odd weight per position, mod 2**32, so any
+    one flipped bit changes it) and whether every value is finite."""
+    leaves = jax.tree.leaves(tree)
+    sums = [jnp.sum(_bits(x).reshape(-1) * (2 * jnp.arange(x.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32) for x in leaves]
+    finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True) for x in leaves]
+    return sums, finite
+
+
+def checksums(tree) -> tuple[dict[str, int], list[str]]:
+    """({leaf path: checksum}, [paths of leaves holding NaN or inf]) of a pytree of arrays; the one
+    host sync is here."""
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    sums, finite = jax.device_get(_digest(tree))
+    return {p: int(c) for p, c in zip(paths, sums, strict=True)}, [p for p, ok in zip(paths, finite, strict=True) if not ok]
+
+
+def _items(state) -> dict[str, object]:
+    items = {"params": state.model(), "train": {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}}
+    return items if state.ema is None else {**items, "ema": state.ema}
+
+
 def save(mgr: ocp.CheckpointManager, state, data_iter, cfg: TrainConfig, assets: dict | None = None) -> int:
-    """Save `state` as checkpoint <state.step>; returns that step. `assets`: `policy_assets(cfg)`,
-    computed once per run by the caller (None: read now)."""
+    """Save `state` as checkpoint <state.step> with a checksum of every array; returns that step.
+    A state with a non-finite param (or EMA) is never written: FloatingPointError naming the leaf.
+    `assets`: `policy_assets(cfg)`, computed once per run by the caller (None: read now)."""
     step = int(state.step)
-    items = dict(
-        params=ocp.args.StandardSave(state.model()),
-        train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step, "rng": state.rng}),
-        data=grain_checkpoint.CheckpointSave(data_iter),
-        config=ocp.args.JsonSave(to_json(cfg)),
-        assets=ocp.args.JsonSave(policy_assets(cfg) if assets is None else assets),
-    )
-    if state.ema is not None:
-        items["ema"] = ocp.args.StandardSave(state.ema)
+    trees = _items(state)
+    sums = {}
+    for name, tree in trees.items():
+        sums[name], bad = checksums(tree)
+        if bad and name != "train":
+            mgr.wait_until_finished()
+            raise FloatingPointError(f"{name} hold non-finite values at step {step} ({', '.join(bad[:3])}): not saved; {last_good(mgr)}")
+    items = {name: ocp.args.StandardSave(tree) for name, tree in trees.items()}
+    items.update(data=grain_checkpoint.CheckpointSave(data_iter), config=ocp.args.JsonSave(to_json(cfg)),
+                 assets=ocp.args.JsonSave(policy_assets(cfg) if assets is None else assets),
+                 checksums=ocp.args.JsonSave(sums))
     mgr.save(step, args=ocp.args.Composite(**items))
     return step
 
 
-def restore(mgr: ocp.CheckpointManager, target, data_iter, step: int | None = None):
-    """The state of checkpoint `step` (default: the latest) laid out like `target` (abstract leaves
-    with shardings; a train.state.TrainState, of whose type the result is); `data_iter` is moved to
-    where that run's iterator was."""
-    step = mgr.latest_step() if step is None else step
-    if step is None:
+def last_good(mgr: ocp.CheckpointManager) -> str:
+    """Where a stopped run can resume from (every saved checkpoint is finite and verified)."""
+    mgr.wait_until_finished()
+    step = mgr.latest_step()
+    return f"no checkpoint was saved yet in {mgr.directory}" if step is None else f"the last good checkpoint is step {step} in {mgr.directory}"
+
+
+def verify(directory: pathlib.Path, name: str, tree) -> None:
+    """Compare `tree` (item `name` as restored from step dir `directory`) with the checksums saved
+    with it; CorruptCheckpoint names the first leaves that differ. Checkpoints written before
+    checksums existed pass with a warning."""
+    if not (directory / "checksums").is_dir():
+        log.warning("checkpoint %s has no checksums (written by an older version): not verified", directory)
+        return
+    saved = ocp.JsonCheckpointHandler().restore(directory / "checksums")[name]
+    found, _ = checksums(tree)
+    differ = [p for p in saved.keys() | found.keys() if saved.get(p) != found.get(p)]
+    if differ:
+        raise CorruptCheckpoint(f"checkpoint {directory}: {name}{sorted(differ)[0]} does not match its checksum "
+                                f"({len(differ)} array(s) differ): the files were altered or truncated")
+
+
+def restore(directory: pathlib.Path, target, data_iter, keep: int = 2, async_save: bool = True):
+    """(state, manager, corrupt) from the newest intact checkpoint under `directory`, laid out like
+    `target` (abstract leaves with shardings; a train.state.TrainState, of whose type the state is);
+    `data_iter` is moved to where that run's iterator was. A checkpoint that fails to read or to
+    verify is reported by step (a warning) and the next older one is tried; `corrupt` lists those
+    steps. FileNotFoundError when there is none, CorruptCheckpoint when none is intact."""
+    mgr = manager(directory, keep, async_save)
+    steps = sorted(mgr.all_steps(), reverse=True)
+    if not steps:
         raise FileNotFoundError(f"no checkpoint in {mgr.directory}")
-    items = dict(
-        params=ocp.args.StandardRestore(target.model()),
-        train=ocp.args.StandardRestore({"opt_state": target.opt_state, "step": target.step, "rng": target.rng}),
-        data=grain_checkpoint.CheckpointRestore(data_iter),
-    )
-    if target.ema is not None:
-        items["ema"] = ocp.args.StandardRestore(target.ema)
-    out = mgr.restore(step, args=ocp.args.Composite(**items))
+    problems = {}
+    for step in steps:
+        try:
+            return _restore_step(mgr, step, target, data_iter), mgr, sorted(problems)
+        except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint is a reason to try the previous one
+            problems[step] = err if isinstance(err, CorruptCheckpoint) else f"cannot be read ({type(err).__name__}: {str(err)[:300]})"
+            log.warning("checkpoint step %d in %s is corrupt: %s", step, mgr.directory, problems[step])
+    report = "; ".join(f"step {s}: {e}" for s, e in problems.items())
+    raise CorruptCheckpoint(f"no intact checkpoint in {mgr.directory}: {report}")
+
+
+def _restore_step(mgr: ocp.CheckpointManager, step: int, target, data_iter):
+    trees = _items(target)
+    items = {name: ocp.args.StandardRestore(tree) for name, tree in trees.items()}
+    out = mgr.restore(step, args=ocp.args.Composite(**items, data=grain_checkpoint.CheckpointRestore(data_iter)))
+    directory = pathlib.Path(mgr.directory) / str(step)
+    for name in trees:
+        verify(directory, name, out[name])
     params, frozen = eqx.partition(out["params"], trainable_filter(out["params"]))
     train = out["train"]
     return type(target)(step=train["step"], params=params, frozen=frozen, opt_state=train["opt_state"],
-                      ema=out["ema"] if target.ema is not None else None, rng=train["rng"])
+                        ema=out.get("ema"), rng=train["rng"])
+
+
+def set_aside(directory: pathlib.Path, steps: list[int]) -> list[pathlib.Path]:
+    """Rename corrupt step directories to `corrupt-<step>` (kept for inspection, out of orbax's way)."""
+    moved = []
+    for step in steps:
+        src, dst = pathlib.Path(directory) / str(step), pathlib.Path(directory) / f"corrupt-{step}"
+        if src.is_dir():
+            src.rename(dst)
+            moved.append(dst)
+    return moved
 
 
 def step_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -198,8 +290,18 @@ def load_trained(path: str | pathlib.Path, params: str = "ema") -> tuple[Pi05, T
     on_device = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)  # noqa: E731
     template = on_device(abstract_model(cfg.model))
     with ocp.StandardCheckpointer() as ckptr:
-        model = ckptr.restore(directory / "params", template)
+        model = _read(ckptr, directory, "params", template)
         if params == "ema" and (directory / "ema").is_dir():
             trainable, frozen = eqx.partition(model, trainable_filter(model))
-            model = eqx.combine(ckptr.restore(directory / "ema", on_device(trainable)), frozen)
+            model = eqx.combine(_read(ckptr, directory, "ema", on_device(trainable)), frozen)
     return model, cfg
+
+
+def _read(ckptr: ocp.StandardCheckpointer, directory: pathlib.Path, name: str, template):
+    """Item `name` of step dir `directory`, verified against its checksums."""
+    try:
+        tree = ckptr.restore(directory / name, template)
+    except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types for a damaged file
+        raise CorruptCheckpoint(f"checkpoint {directory}: {name} cannot be read ({type(err).__name__}: {str(err)[:300]})") from None
+    verify(directory, name, tree)
+    return tree

@@ -102,3 +102,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> pathlib.Path:
+    """The synthetic demo dataset (train.py --preset demo's), written once per session."""
+    from eqx_pi05.train.loop import ensure_demo_dataset
+
+    return ensure_demo_dataset(tmp_path_factory.mktemp("demo") / "demo_dataset")
+
+
+def small_run(variant: str, data_dir: pathlib.Path, out: pathlib.Path, **changes):
+    """`variant` on the demo preset, shrunk: depth-1 experts and SigLIP, 24 prompt tokens, batch 4,
+    2 steps logged every step, XLA's fast compile."""
+    import dataclasses
+
+    from eqx_pi05.train.config import VARIANTS, demo
+
+    cfg = demo(VARIANTS[variant], data_dir)
+    depth1 = lambda g: dataclasses.replace(g, depth=1)  # noqa: E731
+    model = dataclasses.replace(cfg.model, paligemma=depth1(cfg.model.paligemma), action_expert=depth1(cfg.model.action_expert),
+                                siglip=depth1(cfg.model.siglip), max_token_len=24)
+    data = dataclasses.replace(cfg.data, max_token_len=24, batch_size=4)
+    kw = dict(model=model, data=data, num_train_steps=2, output_dir=out, log_interval=1, save_interval=2,
+              keep_checkpoints=2, xla_fast_compile=True, overwrite=False)
+    return dataclasses.replace(cfg, **{**kw, **changes})

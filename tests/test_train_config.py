@@ -132,7 +132,7 @@ def test_cli_builds_the_variant_with_preset_and_overrides():
 
 def test_metrics_log_writes_one_json_line_per_step_and_wandb_offline(tmp_path):
     pytest.importorskip("wandb")
-    log = MetricsLog(tmp_path / "metrics.jsonl", fresh=True,
+    log = MetricsLog(tmp_path / "metrics.jsonl", start=0,
                      wandb_run=dict(project="test", name="t", dir=str(tmp_path), mode="offline", config={}))
     log.write(0, {"loss": 1.5, "p": 0.0})
     log.write(10, {"loss": float("nan"), "p": 1.0})

@@ -50,7 +50,12 @@ class LeRobotSource:
         info_path = self.root / "meta" / "info.json"
         if not info_path.is_file():
             raise FileNotFoundError(f"{self.root}: not a LeRobot dataset, expected {info_path}")
-        self.info = json.loads(info_path.read_text())
+        try:
+            self.info = json.loads(info_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{info_path}: not valid JSON ({err}); expected LeRobot's dataset description") from None
+        if not isinstance(self.info, dict):
+            raise ValueError(f"{info_path}: expected a JSON object, got {type(self.info).__name__}")
         self.version = self.info.get("codebase_version")
         if self.version not in SUPPORTED_VERSIONS:
             raise ValueError(
@@ -96,13 +101,13 @@ class LeRobotSource:
         columns = {name: [] for name in (*INDEX_COLUMNS, "timestamp", *VECTOR_FEATURES.values(), "file", "row")}
         files = tqdm(self.files, desc=f"reading {self.root.name}", unit="file", leave=False, disable=len(self.files) < 10)
         for file_id, path in enumerate(files):
-            schema = pq.read_schema(path)
+            schema = _parquet(pq.read_schema, path)
             wanted = [*INDEX_COLUMNS, *VECTOR_FEATURES.values(), *self._parquet_image_features()]
             missing = [c for c in wanted if c not in schema.names]
             if missing:
                 raise ValueError(f"{path}: missing column(s) {missing}; the file has {schema.names}")
             read = [*INDEX_COLUMNS, *VECTOR_FEATURES.values()] + (["timestamp"] if "timestamp" in schema.names else [])
-            table = pq.read_table(path, columns=read)
+            table = _parquet(pq.read_table, path, columns=read)
             n = table.num_rows
             index = {c: _scalars(table.column(c), f"{path}: column {c}") for c in INDEX_COLUMNS}
             where = lambda row: f"{path} episode {index['episode_index'][row]} frame {index['frame_index'][row]}"  # noqa: E731
@@ -243,7 +248,7 @@ class LeRobotSource:
         path = self.files[file_id]
         offsets = self._offsets.get(file_id)
         if offsets is None:
-            metadata = pq.read_metadata(path)
+            metadata = _parquet(pq.read_metadata, path)
             offsets = np.cumsum([0] + [metadata.row_group(k).num_rows for k in range(metadata.num_row_groups)])
             self._offsets[file_id] = offsets
         key = (file_id, int(np.searchsorted(offsets, row, side="right") - 1))
@@ -251,8 +256,7 @@ class LeRobotSource:
             if key in self._groups:
                 self._groups.move_to_end(key)
                 return self._groups[key]
-        with pq.ParquetFile(path, memory_map=True) as parquet:
-            table = parquet.read_row_group(key[1], columns=self._parquet_image_features())
+        table = _parquet(_read_row_group, path, key[1], self._parquet_image_features())
         hit = (int(offsets[key[1]]), {f: _image_column(table.column(f), f"{path}: column {f}") for f in table.column_names})
         with self._lock:
             if key not in self._groups:  # another thread may have read it meanwhile
@@ -288,6 +292,19 @@ class LeRobotSource:
 # ---- metadata -------------------------------------------------------------------------------------
 
 
+def _parquet(read, path: pathlib.Path, *args, **kw):
+    """`read(path, ...)`, with a damaged file's error naming the file."""
+    try:
+        return read(path, *args, **kw)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable parquet file ({type(err).__name__}: {err}); the file is damaged or cut short") from None
+
+
+def _read_row_group(path: pathlib.Path, group: int, columns: list[str]) -> pa.Table:
+    with pq.ParquetFile(path, memory_map=True) as parquet:
+        return parquet.read_row_group(group, columns=columns)
+
+
 def _jsonl(path: pathlib.Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (LeRobot v2.x metadata)")
@@ -313,7 +330,7 @@ def _tasks_v3(root: pathlib.Path) -> dict[int, str]:
     path = root / "meta" / "tasks.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (LeRobot v3.0 metadata)")
-    table = pq.read_table(path)
+    table = _parquet(pq.read_table, path)
     # pandas writes the task strings as its index; by name ("task") or as __index_level_0__.
     text = next((c for c in ("task", "__index_level_0__") if c in table.column_names), None)
     if text is None or "task_index" not in table.column_names:
@@ -327,7 +344,7 @@ def _episodes_v3(root: pathlib.Path) -> dict[int, dict]:
         raise FileNotFoundError(f"{root / 'meta' / 'episodes'}: no chunk-*/file-*.parquet (LeRobot v3.0 metadata)")
     episodes = {}
     for path in files:
-        table = pq.read_table(path)
+        table = _parquet(pq.read_table, path)
         keep = [c for c in table.column_names if not c.startswith("stats/")]
         for c in ("episode_index", "data/chunk_index", "data/file_index"):
             if c not in keep:

@@ -78,7 +78,11 @@ def load(path: str | pathlib.Path) -> dict[str, NormStats]:
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"norm stats: no file at {path}")
-    return from_json(json.loads(path.read_text()), str(path))
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"norm stats {path}: not valid JSON ({err})") from None
+    return from_json(data, str(path))
 
 
 def from_json(data: dict, where: str) -> dict[str, NormStats]:
@@ -97,6 +101,10 @@ def from_json(data: dict, where: str) -> dict[str, NormStats]:
         shapes = {f: a.shape for f, a in fields.items()}
         if len(set(shapes.values())) != 1 or fields["mean"].ndim != 1:
             raise ValueError(f"norm stats {where}: {key} fields must be vectors of one length, got {shapes}")
+        for f, a in fields.items():
+            if not np.isfinite(a).all():
+                raise ValueError(f"norm stats {where}: {key}.{f}[{int(np.flatnonzero(~np.isfinite(a))[0])}] is "
+                                 f"{a[~np.isfinite(a)][0]}: expected finite numbers")
         stats[key] = NormStats(**fields)
     return stats
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import types
 import typing
@@ -34,6 +35,26 @@ from eqx_pi05.views import CAMERA_SLOTS, Camera, CameraProbs, ViewDropoutConfig,
 Teacher = Literal["self", "ema", "checkpoint"]
 
 
+def _check_ranges(prefix: str, cfg, **bounds: tuple) -> None:
+    """bounds: field=(low, low allowed) or (low, low allowed, high exclusive); NaN fails every test."""
+    for name, (low, inclusive, *high) in bounds.items():
+        v = getattr(cfg, name)
+        ok = (v >= low if inclusive else v > low) and (not high or v < high[0]) and math.isfinite(v)
+        if not ok:
+            want = f"{'>=' if inclusive else '>'} {low}" + (f" and < {high[0]}" if high else "")
+            raise ValueError(f"{prefix}.{name}={v}: expected a finite number {want}")
+
+
+def _check_finite(cfg, prefix: str = "") -> None:
+    """Every float field of a (nested) config is finite: NaN or inf names its field."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{prefix}{f.name}={v}: expected a finite number")
+        if dataclasses.is_dataclass(v):
+            _check_finite(v, f"{prefix}{f.name}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
     """openpi's CosineDecaySchedule: linear warm-up from peak/(warmup+1) to peak over warmup_steps,
@@ -43,6 +64,11 @@ class LRSchedule:
     peak_lr: float
     decay_steps: int
     decay_lr: float
+
+    def __post_init__(self):
+        _check_ranges("lr", self, peak_lr=(0, False), decay_lr=(0, True), warmup_steps=(0, True))
+        if self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"lr.decay_steps={self.decay_steps}: expected more than lr.warmup_steps={self.warmup_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +80,10 @@ class AdamW:
     eps: float = 1e-8
     weight_decay: float = 1e-10
     clip_gradient_norm: float = 1.0
+
+    def __post_init__(self):
+        _check_ranges("optimizer", self, b1=(0, True, 1), b2=(0, True, 1), eps=(0, False), weight_decay=(0, True),
+                      clip_gradient_norm=(0, False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +169,10 @@ class TrainConfig:
     augment: bool = True  # openpi's train-time image augmentation (eqx_pi05.augment)
     output_dir: pathlib.Path | None = None  # checkpoints/, metrics.jsonl, config.json; default outputs/<name>
     resume: bool = False  # continue from the latest checkpoint in output_dir
-    overwrite: bool = False  # without --resume: delete output_dir's checkpoints and start over
+    overwrite: bool = False  # without --resume: start over, replacing output_dir's run (once start-up passed)
     log_interval: int = 100  # steps between metrics lines (and NaN checks)
     save_interval: int = 1000  # steps between checkpoints (the last step is always saved)
-    keep_checkpoints: int = 1  # checkpoints kept, newest first
+    keep_checkpoints: int = 2  # checkpoints kept, newest first (2: a corrupt latest one has one to fall back to)
     async_checkpoint: bool = True  # write checkpoints in the background
     xla_fast_compile: bool = False  # XLA backend optimisations off: ~2x faster compiles, ~2x slower steps (tests)
     fsdp_devices: int = 1  # mesh ("data", "fsdp"): params, EMA and optimizer state sharded over fsdp
@@ -155,6 +185,7 @@ class TrainConfig:
     process_id: int = 0  # multi-host: this process
 
     def __post_init__(self):
+        _check_finite(self)
         d = self.distill
         if d is not None:
             for mech, probs in (("view_dropout", self.data.view_dropout.train), ("view_remove", self.data.view_remove.train)):
@@ -174,8 +205,6 @@ class TrainConfig:
         for name in ("num_train_steps", "log_interval", "save_interval", "keep_checkpoints", "fsdp_devices", "num_processes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if self.lr.warmup_steps < 0 or self.lr.decay_steps <= self.lr.warmup_steps:
-            raise ValueError(f"lr: expected 0 <= warmup_steps < decay_steps, got {self.lr}")
         if not 0 <= self.process_id < self.num_processes:
             raise ValueError(f"process_id {self.process_id}: expected 0 <= process_id < num_processes={self.num_processes}")
 
@@ -289,7 +318,8 @@ def demo_model(model: Pi05Config) -> Pi05Config:
 def demo(cfg: TrainConfig, data_dir: pathlib.Path) -> TrainConfig:
     """`cfg` on the tiny model (random init) and the demo dataset in `data_dir`, sized to train in a
     minute or two on a laptop CPU: batch 8, 100 steps, a short warm-up to a higher peak LR, EMA 0.95
-    (0.999 would average over ten times the run); a rerun starts over unless --resume is given."""
+    (0.999 would average over ten times the run). A rerun into the same directory needs --resume or
+    --overwrite: a finished run is never replaced by default."""
     model = demo_model(cfg.model)
     data = dataclasses.replace(
         cfg.data,
@@ -311,7 +341,6 @@ def demo(cfg: TrainConfig, data_dir: pathlib.Path) -> TrainConfig:
         output_dir=pathlib.Path("outputs") / f"{cfg.name}_demo",
         log_interval=10,
         save_interval=50,
-        overwrite=True,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -16,8 +17,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from eqx_pi05 import checkpoints, lock
 from eqx_pi05.compact import drop_cameras, removable_cameras
-from eqx_pi05 import checkpoints
 from eqx_pi05.config import IMAGE_KEYS
 from eqx_pi05.data.pipeline import make_data_loader
 from eqx_pi05.model import Pi05
@@ -97,59 +98,107 @@ def _check_inputs(cfg: TrainConfig, devices: int) -> None:
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {devices} devices of the mesh")
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Run (or resume) `cfg`; returns the logged metrics records (also in OUTPUT_DIR/metrics.jsonl)."""
-    initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    mesh, out, main = make_mesh(cfg.fsdp_devices), cfg.run_dir, jax.process_index() == 0
-    _check_inputs(cfg, mesh.size)
-    if cfg.overwrite and not cfg.resume and main:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    if cfg.overwrite and not cfg.resume and jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
+def _existing_steps(cfg: TrainConfig) -> list[int]:
+    root = cfg.run_dir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
 
-        multihost_utils.sync_global_devices("overwrite")
-    mgr = checkpoints.manager(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoint)
-    if mgr.latest_step() is not None and not cfg.resume:
-        raise FileExistsError(f"{out} holds checkpoints (latest step {mgr.latest_step()}): pass --resume to continue, "
+
+def _check_run_dir(cfg: TrainConfig) -> None:
+    """--resume needs a checkpoint; without it, an existing run is never silently restarted."""
+    steps = _existing_steps(cfg)
+    if cfg.resume and not steps:
+        raise FileNotFoundError(f"--resume: no checkpoint in {cfg.run_dir / 'checkpoints'} to resume from "
+                                "(drop --resume to start a new run there)")
+    if steps and not cfg.resume and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.run_dir} holds checkpoints (latest step {steps[-1]}): pass --resume to continue, "
                               "--overwrite to start over, or another --output-dir")
-    shapes, _ = _state_program(*_state_key(cfg, mesh))
-    shardings = fsdp_shardings(shapes, mesh, cfg.fsdp_min_bytes)
-    logger.info("loading the dataset %s", cfg.data.dataset)
-    data_iter = iter(make_data_loader(cfg.data))
-    assets = checkpoints.policy_assets(cfg)  # the stats and tokenizer this run trains with, in every checkpoint
-    if cfg.resume and mgr.latest_step() is not None:
-        check_resume_config(checkpoints.read_config(out / "checkpoints"), cfg)
+
+
+def _start(cfg: TrainConfig, mesh: Mesh, shapes, data_iter):
+    """Everything that reads before the run writes: the state (restored from the newest intact
+    checkpoint, or initial: weights loaded and shape-checked) and the teacher. Returns
+    (state, corrupt checkpoint steps to set aside, teacher)."""
+    if cfg.resume:
+        check_resume_config(checkpoints.read_config(cfg.run_dir / "checkpoints"), cfg)
+        shardings = fsdp_shardings(shapes, mesh, cfg.fsdp_min_bytes)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-        logger.info("resuming from checkpoint %d in %s", mgr.latest_step(), mgr.directory)
-        state = checkpoints.restore(mgr, target, data_iter)
+        state, mgr, corrupt = checkpoints.restore(cfg.run_dir / "checkpoints", target, data_iter, cfg.keep_checkpoints, cfg.async_checkpoint)
+        mgr.close()
+        if corrupt:
+            logger.warning("checkpoint step(s) %s are corrupt (set aside as corrupt-<step>)", corrupt)
+        logger.info("resuming from checkpoint %d in %s", int(state.step), cfg.run_dir / "checkpoints")
     else:
-        state = initial_state(cfg, mesh)
+        state, corrupt = initial_state(cfg, mesh), []
     teacher = load_teacher(cfg)
     if teacher is not None:
         teacher = jax.device_put(teacher, fsdp_shardings(teacher, mesh, cfg.fsdp_min_bytes))
-    step_fn = make_train_step(StepConfig.of(cfg), mesh, abstract(shapes), cfg.fsdp_min_bytes, abstract(teacher))
+    return state, corrupt, teacher
+
+
+def _prepare_run_dir(cfg: TrainConfig, corrupt: list[int], main: bool, run_info: dict) -> None:
+    """The first writes into the output directory, after start-up passed: corrupt checkpoints set
+    aside (renamed, never deleted), --overwrite's old run removed, config.json written."""
+    out = cfg.run_dir
+    if main:
+        checkpoints.set_aside(out / "checkpoints", corrupt)
+        if cfg.overwrite and not cfg.resume:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "config.json").write_text(json.dumps(run_info, indent=1))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices("run dir prepared")
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run (or resume) `cfg`; returns the logged metrics records (also in OUTPUT_DIR/metrics.jsonl).
+    The whole start-up (config, dataset, norm stats, tokenizer, checkpoint or weights, teacher) runs
+    before anything in the output directory changes, under the directory's lock (one writer)."""
+    initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    mesh, main = make_mesh(cfg.fsdp_devices), jax.process_index() == 0
+    _check_inputs(cfg, mesh.size)
+    _check_run_dir(cfg)
+    with lock.hold(cfg.run_dir, f"train.py {cfg.name}") if main else contextlib.nullcontext():
+        logger.info("loading the dataset %s", cfg.data.dataset)
+        data_iter = iter(make_data_loader(cfg.data))
+        assets = checkpoints.policy_assets(cfg)  # the stats and tokenizer this run trains with, in every checkpoint
+        shapes, _ = _state_program(*_state_key(cfg, mesh))
+        state, corrupt, teacher = _start(cfg, mesh, shapes, data_iter)
+        step_fn = make_train_step(StepConfig.of(cfg), mesh, abstract(shapes), cfg.fsdp_min_bytes, abstract(teacher))
+        # What trains, per part (abstract shapes: no memory); config.json and W&B keep it beside the config.
+        run_info = {**to_json(cfg), "param_counts": param_counts(shapes.model())}
+        if main:
+            logger.info("%s: %s", cfg.name, describe_counts(run_info["param_counts"]))
+        _prepare_run_dir(cfg, corrupt, main, run_info)
+        return _loop(cfg, mesh, state, teacher, step_fn, data_iter, run_info, assets)
+
+
+def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, teacher, step_fn, data_iter, run_info: dict, assets: dict) -> list[dict]:
+    out, main = cfg.run_dir, jax.process_index() == 0
+    mgr = checkpoints.manager(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoint)
     # Slots no row may attend to, decided from the config (not per batch: a chance all-False batch
     # would retrace, and processes must agree): the padding slot and cameras view_remove always drops.
     always_removed = [IMAGE_KEYS[2]] + [CAMERA_SLOTS[c] for c, p in cfg.data.view_remove.train.active().items() if p >= 1.0]
     start, n = int(state.step), cfg.num_train_steps
-    # What trains, per part (abstract shapes: no memory); config.json and W&B keep it beside the config.
-    run_info = {**to_json(cfg), "param_counts": param_counts(shapes.model())}
-    if main:
-        logger.info("%s: %s", cfg.name, describe_counts(run_info["param_counts"]))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(run_info, indent=1))
     suffix = "" if main else f".process{jax.process_index()}"
-    log = MetricsLog(out / f"metrics{suffix}.jsonl", fresh=start == 0, wandb_run=_wandb_run(cfg, run_info, fresh=start == 0) if cfg.wandb and main else None)
+    log = MetricsLog(out / f"metrics{suffix}.jsonl", start=start, wandb_run=_wandb_run(cfg, run_info, fresh=start == 0) if cfg.wandb and main else None)
     records, pending, t0 = [], [], time.perf_counter()
     compiled = set()  # (camera set, batch shapes) of the step programs built so far
     logger.info("training %s, steps %d to %d, into %s", cfg.name, start, n, out)
     bar = tqdm(range(start, n), initial=start, total=n, disable=not main, desc=cfg.name, unit="step")
     for step in bar:
-        batch = next(data_iter)
+        try:
+            batch = next(data_iter)
+        except StopIteration:  # a finite dataset (data.num_epochs) ran out: end here, keeping every step
+            bar.close()
+            logger.warning("the data ran out after data.num_epochs=%s epoch(s) at step %d of num_train_steps=%d; "
+                           "saving step %d and stopping", cfg.data.num_epochs, step, n, step)
+            n = step
+            break
         missing = set(always_removed) - set(removable_cameras(batch["image_mask"]))
         if missing:
             raise ValueError(f"step {step}: slots {sorted(missing)} should be masked in every row by the config, but are not")
-        p = 0.0 if cfg.distill is None else cfg.distill.p_at(step, n)
+        p = 0.0 if cfg.distill is None else cfg.distill.p_at(step, cfg.num_train_steps)
         batch = trim_prompt(drop_cameras(batch, always_removed), length=_global_prompt_length(batch))
         batch = global_batch(batch, mesh)
         wrist_only = cfg.distill is not None and p >= 1.0
@@ -165,21 +214,30 @@ def train(cfg: TrainConfig) -> list[dict]:
         done = step + 1
         if done % cfg.log_interval and done % cfg.save_interval and done != n:
             continue
-        try:  # the only host sync, and a NaN check of every step since the last one
-            record = _summary(jax.device_get(pending), done - len(pending), time.perf_counter() - t0, cfg.data.batch_size)
-        except FloatingPointError as e:
-            mgr.wait_until_finished()
-            raise FloatingPointError(f"{e}: stopped; the last good checkpoint is step {mgr.latest_step()} in {mgr.directory}") from None
-        records.append({"step": step, **record})
-        log.write(step, record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", p=f"{record['p']:.2f}")
+        records.append(_log(cfg, log, mgr, pending, done, t0, bar))
         pending, t0 = [], time.perf_counter()
         if done % cfg.save_interval == 0 or done == n:
             logger.info("saving checkpoint %d in %s", done, mgr.directory)
             checkpoints.save(mgr, state, data_iter, cfg, assets)
+    if pending:  # steps since the last log, when the data ran out
+        records.append(_log(cfg, log, mgr, pending, n, t0, bar))
+    if int(state.step) > start and mgr.latest_step() != int(state.step):
+        checkpoints.save(mgr, state, data_iter, cfg, assets)
     mgr.wait_until_finished()
+    mgr.close()
     log.close()
     return records
+
+
+def _log(cfg: TrainConfig, log: MetricsLog, mgr, pending: list, done: int, t0: float, bar) -> dict:
+    """One metrics record for the steps `pending` (ending at step `done` - 1)."""
+    try:  # the only host sync, and a NaN check of every step since the last one
+        record = _summary(jax.device_get(pending), done - len(pending), time.perf_counter() - t0, cfg.data.batch_size)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}: stopped; {checkpoints.last_good(mgr)}") from None
+    log.write(done - 1, record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", p=f"{record['p']:.2f}")
+    return {"step": done - 1, **record}
 
 
 def _global_prompt_length(batch: dict) -> int:
