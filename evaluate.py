@@ -22,7 +22,8 @@ from typing import Literal
 import tyro
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
+from eqx_pi05 import lock
+from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate, plan
 from eqx_pi05.logs import setup_logging
 
 
@@ -89,20 +90,32 @@ def main(
     """`policy`/`info` replace the checkpoint's policy (tests); both or neither."""
     if (policy is None) != (info is None):
         raise ValueError("evaluate.main: pass both `policy` and `info`, or neither (then the checkpoint's is built)")
+    config = args.config()
     if policy is None:
         from eqx_pi05 import preflight  # noqa: PLC0415
-        from eqx_pi05.eval.policy import load_policy  # noqa: PLC0415 - JAX and the model only when needed
 
         preflight.exit_if_missing(preflight.checkpoint_inputs(args.checkpoint, simulator=make_env is None,
                                                                 assets_from_config=args.assets_from_config), "evaluate.py")
+    # Everything that can be checked without the model is, before it loads (25-55 s): the episode
+    # count against the suite's initial states, and that no other process writes the output dir.
+    plan(config, tasks, make_env)
+    lock.check(config.output_dir)
+    if policy is None:
+        from eqx_pi05.eval.policy import load_policy  # noqa: PLC0415 - JAX and the model only when needed
+
         logging.getLogger("eqx_pi05.eval").info("loading %s", args.checkpoint)
         policy, info = load_policy(args.checkpoint, params=args.params, batch_size=args.policy_batch,
                                    eval_view=args.eval_view, assets_from_config=args.assets_from_config)
-    return evaluate(args.config(), policy, info, tasks=tasks, make_env=make_env)
+    return evaluate(config, policy, info, tasks=tasks, make_env=make_env)
 
 
 if __name__ == "__main__":
+    import sys
+
     cli = tyro.cli(Args)
     setup_logging(cli.verbose)
-    with logging_redirect_tqdm():
-        main(cli)
+    try:
+        with logging_redirect_tqdm():
+            main(cli)
+    except (ValueError, OSError, lock.DirectoryInUse) as err:  # a bad argument, a directory in use: named, no traceback
+        sys.exit(f"evaluate.py: {err}")

@@ -44,6 +44,23 @@ def _holder(path: pathlib.Path) -> dict | None:
         return {}  # half-written by a process killed between create and write: no live holder
 
 
+def check(directory: pathlib.Path) -> dict | None:
+    """Raise DirectoryInUse if another live process holds `directory`'s lock; returns the holder of
+    a stale lock (a dead process's, to be taken over), None when there is none. Reads only."""
+    path = pathlib.Path(directory) / NAME
+    holder = _holder(path)
+    if holder is None:
+        return None
+    pid, host = holder.get("pid"), holder.get("host")
+    if holder and host != socket.gethostname():
+        raise DirectoryInUse(f"{directory} is in use by {holder.get('command', '?')} (pid {pid} on host {host}): "
+                             f"one writer per directory. If that run is over, delete {path}")
+    if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+        raise DirectoryInUse(f"{directory} is in use by {holder.get('command', '?')} (pid {pid} on host {host}): "
+                             "one writer per directory; wait for it or choose another output directory")
+    return holder
+
+
 def acquire(directory: pathlib.Path, command: str) -> pathlib.Path:
     """Take `directory`'s lock for this process (creating the directory); returns the lock file.
     Raises DirectoryInUse naming the holder when a live process has it."""
@@ -55,20 +72,12 @@ def acquire(directory: pathlib.Path, command: str) -> pathlib.Path:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _holder(path)
-            if holder is None:
-                continue  # released between our open and our read: try again
-            pid, host = holder.get("pid"), holder.get("host")
-            if holder and host != me["host"]:
-                raise DirectoryInUse(f"{directory} is in use by {holder.get('command', '?')} (pid {pid} on host {host}): "
-                                     f"one writer per directory. If that run is over, delete {path}") from None
-            if isinstance(pid, int) and _alive(pid) and pid != me["pid"]:
-                raise DirectoryInUse(f"{directory} is in use by {holder.get('command', '?')} (pid {pid} on host {host}): "
-                                     "one writer per directory; wait for it or choose another --output-dir") from None
-            log.warning("%s: taking over the lock of pid %s on %s, which is no longer running", directory, pid, host)
-            print(f"warning: {directory}: taking over the lock left by pid {pid} on {host} (no longer running)")
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            stale = check(directory)
+            if stale is not None:
+                log.warning("%s: taking over the lock of pid %s on %s, which is no longer running",
+                            directory, stale.get("pid"), stale.get("host"))
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)

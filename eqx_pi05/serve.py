@@ -29,6 +29,7 @@ import http
 import itertools
 import logging
 import pathlib
+import socket
 import threading
 import time
 import traceback
@@ -101,10 +102,16 @@ def check_request(obs: object, state_dim: int = LIBERO_STATE_DIM) -> dict:
     state = obs[STATE_KEY]
     if not (isinstance(state, np.ndarray) and state.dtype.kind in "fiu" and state.shape == (state_dim,)):
         raise BadRequest(f"request {STATE_KEY!r}: expected a numeric ({state_dim},) array, got {_describe(state)}")
+    if not np.isfinite(state).all():
+        raise BadRequest(f"request {STATE_KEY!r}: expected finite values, got {state.tolist()}")
     if not isinstance(obs[PROMPT_KEY], str) or not obs[PROMPT_KEY].strip():
         raise BadRequest(f"request {PROMPT_KEY!r}: expected a non-empty string, got {obs[PROMPT_KEY]!r:.80}")
-    if SEED_KEY in obs and not isinstance(obs[SEED_KEY], (int, np.integer)):
-        raise BadRequest(f"request {SEED_KEY!r}: expected an integer, got {type(obs[SEED_KEY]).__name__}")
+    if SEED_KEY in obs:
+        seed = obs[SEED_KEY]
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
+            raise BadRequest(f"request {SEED_KEY!r}: expected an integer, got {type(seed).__name__}")
+        if not 0 <= int(seed) < 2**32:  # folded into a JAX key as a uint32
+            raise BadRequest(f"request {SEED_KEY!r}: expected an integer in [0, 2**32), got {int(seed)}")
     return obs
 
 
@@ -167,6 +174,16 @@ def _health(connection, request):
     return connection.respond(http.HTTPStatus.OK, "OK\n") if request.path == "/healthz" else None
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0 picks a free one); an OSError naming the address when
+    it is taken, so `main` finds out before it spends seconds loading the model."""
+    try:
+        return socket.create_server((host, port))
+    except OSError as err:
+        raise OSError(err.errno, f"serve: cannot listen on {host}:{port} ({err.strerror}); "
+                                 "is another server running there? choose another --port") from None
+
+
 async def serve(
     policy: ServerPolicy,
     metadata: Mapping,
@@ -174,13 +191,16 @@ async def serve(
     port: int,
     stop: asyncio.Event,
     on_ready: Callable[[int], None] = lambda port: None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until `stop` is set; `on_ready(port)` once listening (port 0 picks a free one)."""
+    """Serve until `stop` is set; `on_ready(port)` once listening (port 0 picks a free one). `sock`:
+    an already bound socket (`bind`) to serve on instead of host:port."""
     import websockets.asyncio.server
 
     handler = functools.partial(_connection, policy=policy, metadata=metadata)
+    where = dict(sock=sock) if sock is not None else dict(host=host, port=port)
     async with websockets.asyncio.server.serve(
-        handler, host, port, compression=None, max_size=MAX_MESSAGE_BYTES, process_request=_health
+        handler, **where, compression=None, max_size=MAX_MESSAGE_BYTES, process_request=_health
     ) as server:
         on_ready(server.sockets[0].getsockname()[1])
         await stop.wait()
@@ -280,19 +300,26 @@ class Args:
 def main(args: Args) -> None:
     from eqx_pi05 import preflight
 
+    # The arguments first (the port is free, the checkpoint's inputs are there), then the model (~13 s).
+    sock = bind(args.host, args.port)
     preflight.exit_if_missing(preflight.checkpoint_inputs(args.checkpoint, assets_from_config=args.assets_from_config),
                               "python -m eqx_pi05.serve")
     log.info("loading %s and compiling the policy", args.checkpoint)
     policy, metadata = load(args.checkpoint, args.params, args.eval_view, args.assets_from_config)
     asyncio.run(serve(policy, metadata, args.host, args.port, asyncio.Event(),
-                      lambda port: log.info("serving %s on ws://%s:%d", args.checkpoint, args.host, port)))
+                      lambda port: log.info("serving %s on ws://%s:%d", args.checkpoint, args.host, port), sock=sock))
 
 
 if __name__ == "__main__":
+    import sys
+
     import tyro
 
     from eqx_pi05.logs import setup_logging
 
     cli = tyro.cli(Args)
     setup_logging(cli.verbose)
-    main(cli)
+    try:
+        main(cli)
+    except (OSError, ValueError) as err:  # a busy port, a corrupt checkpoint: named, no traceback
+        sys.exit(f"serve: {err}")

@@ -9,6 +9,7 @@ from jaxtyping import install_import_hook  # noqa: E402
 
 _hook = install_import_hook("eqx_pi05", "beartype.beartype")
 
+import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 import socket  # noqa: E402
 
@@ -127,3 +128,23 @@ def small_run(variant: str, data_dir: pathlib.Path, out: pathlib.Path, **changes
     kw = dict(model=model, data=data, num_train_steps=2, output_dir=out, log_interval=1, save_interval=2,
               keep_checkpoints=2, xla_fast_compile=True, overwrite=False)
     return dataclasses.replace(cfg, **{**kw, **changes})
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(directory: pathlib.Path, command: str = "train.py other"):
+    """`directory`'s writer lock (eqx_pi05.lock) held by a live child process; yields that process,
+    killed (not released: its lock stays behind, stale) when the block ends."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"import time; from eqx_pi05 import lock; lock.acquire({str(directory)!r}, {command!r}); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()

@@ -156,10 +156,7 @@ def test_report_builds_the_results_table_from_several_runs(tmp_path):
 
 
 def test_evaluate_py_runs_with_an_injected_policy_and_refuses_half_an_injection(tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = cli  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(cli)
+    cli = _cli()
     args = cli.Args(checkpoint=tmp_path / "ckpt", n=2, output_dir=tmp_path / "out", max_steps=5, videos=0)
     res = cli.main(args, wrist_only_policy, REMOVE, tasks=TASKS, make_env=FakeEnv)
     assert res["total"]["episodes"] == 2
@@ -225,3 +222,44 @@ def test_chart_draws_a_task_with_no_episodes_as_not_run_and_keeps_its_legend_off
     legend = ax.get_legend().get_window_extent(renderer)
     for text in labels:
         assert not legend.overlaps(text.get_window_extent(renderer)), text.get_text()
+
+
+def _cli(monkeypatch=None):
+    """evaluate.py as a module; with `monkeypatch`, its checkpoint checks pass and loading a model fails the test."""
+    if monkeypatch is not None:
+        from eqx_pi05 import preflight
+        from eqx_pi05.eval import policy
+
+        monkeypatch.setattr(preflight, "checkpoint_inputs", lambda *a, **k: [])
+        monkeypatch.setattr(policy, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    spec = importlib.util.spec_from_file_location("evaluate_cli", REPO / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = cli  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_an_impossible_n_is_refused_before_the_model_loads_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    cli = _cli(monkeypatch)
+    too_many = cli.Args(checkpoint=tmp_path / "ckpt", n=100000, output_dir=tmp_path / "out", max_steps=5, videos=0)
+    with pytest.raises(ValueError, match=r"n=100000 over 3 tasks needs 33334 trials per task"):
+        cli.main(too_many, tasks=TASKS, make_env=FakeEnv)
+    assert not (tmp_path / "out").exists()
+    ok = cli.Args(checkpoint=tmp_path / "ckpt", n=2, output_dir=tmp_path / "out", max_steps=5, videos=0)
+    assert cli.main(ok, wrist_only_policy, REMOVE, tasks=TASKS, make_env=FakeEnv)["total"]["episodes"] == 2
+
+
+def test_a_second_evaluation_of_a_directory_in_use_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from conftest import lock_held_by_another_process
+
+    from eqx_pi05.lock import DirectoryInUse
+
+    cli = _cli(monkeypatch)
+    args = cli.Args(checkpoint=tmp_path / "ckpt", n=2, output_dir=tmp_path / "out", max_steps=5, videos=0)
+    with lock_held_by_another_process(tmp_path / "out", "evaluate.py B2") as holder:
+        with pytest.raises(DirectoryInUse, match=rf"in use by evaluate.py B2 \(pid {holder.pid} on host"):
+            cli.main(args, tasks=TASKS, make_env=FakeEnv)
+        with pytest.raises(DirectoryInUse):  # and evaluate() itself, given a policy
+            evaluate(_config(tmp_path, "out"), wrist_only_policy, REMOVE, TASKS, FakeEnv)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock"]  # the dead holder's, nothing else
+    assert evaluate(_config(tmp_path, "out"), wrist_only_policy, REMOVE, TASKS, FakeEnv)["total"]["episodes"] == 7

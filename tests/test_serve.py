@@ -138,6 +138,10 @@ BAD_REQUESTS = {
     "object dtype": (msgpack.packb({b"__ndarray__": True, b"data": b"", b"dtype": "|O", b"shape": [0]}), r"dtype object"),
     "garbage bytes": (b"\xc1\xc1\xc1", r"undecodable msgpack"),
     "text frame": ("hello", r"expected a binary msgpack frame"),
+    "noise_seed 2**63": (serve.packb(request(noise_seed=2**63)), r"'noise_seed': expected an integer in \[0, 2\*\*32\), got 9223372036854775808"),
+    "noise_seed -1": (serve.packb(request(noise_seed=-1)), r"'noise_seed': expected an integer in \[0, 2\*\*32\), got -1"),
+    "NaN in state": (serve.packb(request(**{"observation/state": np.array([0, 0, np.nan, 0, 0, 0, 0, 0], np.float32)})), r"'observation/state': expected finite values, got \[0.0, 0.0, nan"),
+    "inf in state": (serve.packb(request(**{"observation/state": np.full(8, np.inf)})), r"'observation/state': expected finite values, got \[inf"),
 }
 
 
@@ -149,6 +153,15 @@ def test_bad_request_gets_an_error_frame_and_the_same_connection_keeps_serving(s
         assert isinstance(reply, str) and reply.startswith("bad request: ")
         assert re.search(message, reply), reply
         assert client.infer(request())["actions"].shape == (10, 7)
+
+
+def test_a_port_in_use_is_found_before_the_model_loads(tmp_path, monkeypatch):
+    (tmp_path / "run" / "checkpoints" / "1" / "params").mkdir(parents=True)
+    monkeypatch.setattr(serve, "load", lambda *a: pytest.fail("the model was loaded before the port was bound"))
+    with serve.bind("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=rf"serve: cannot listen on 127.0.0.1:{port} \(.*\); is another server running there"):
+            serve.main(serve.Args(checkpoint=tmp_path / "run", port=port))
 
 
 def test_policy_crash_closes_that_connection_with_1011_and_the_server_keeps_serving():

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, small_run
+from conftest import REPO, lock_held_by_another_process, small_run
 
 from eqx_pi05 import checkpoints, lock
 from eqx_pi05.train.loop import train
@@ -114,18 +114,11 @@ def test_resume_of_a_directory_without_checkpoints_is_an_error_and_creates_nothi
 
 def test_a_second_writer_is_refused_naming_pid_and_host_and_a_dead_ones_lock_is_taken_over(finished, tmp_path, caplog):
     cfg, records = copy_run(finished, tmp_path, overwrite=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from eqx_pi05 import lock; "
-                               f"lock.acquire({str(cfg.run_dir)!r}, 'train.py other'); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(cfg.run_dir) as holder:
         before = snapshot(cfg.run_dir)
         with pytest.raises(lock.DirectoryInUse, match=rf"in use by train.py other \(pid {holder.pid} on host {os.uname().nodename}\)"):
             train(cfg)
         assert snapshot(cfg.run_dir) == before
-    finally:
-        holder.kill()
-        holder.wait()
     # The holder died without releasing: its lock is taken over, with a warning naming it.
     assert json.loads((cfg.run_dir / ".lock").read_text())["pid"] == holder.pid
     again = train(cfg)

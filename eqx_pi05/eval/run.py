@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from eqx_pi05 import lock
 from eqx_pi05.eval import results, sim, video
 from eqx_pi05.eval.audit import RemovalAuditError, audit_removal
 from eqx_pi05.eval.batched import Settings, plan_chunks, run_chunks
@@ -50,8 +51,8 @@ class EvalConfig:
         if self.suite not in MAX_STEPS and self.max_steps is None:
             raise ValueError(f"suite {self.suite!r}: no default max_steps, expected one of {list(MAX_STEPS)} "
                              "or an explicit --max-steps")
-        if self.num_envs < 1 or self.videos < 0 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError(f"EvalConfig: expected num_envs >= 1, videos >= 0, max_steps >= 1; got {self}")
+        if self.n < 1 or self.num_envs < 1 or self.videos < 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError(f"EvalConfig: expected n >= 1, num_envs >= 1, videos >= 0, max_steps >= 1; got {self}")
 
     @property
     def steps(self) -> int:
@@ -87,6 +88,7 @@ _RESUME_KEYS = ("suite", "n", "max_steps", "seed", "variant", "checkpoint", "tas
 
 
 def _check_resume(out_dir: pathlib.Path, identity: dict) -> None:
+    """An output directory continues the evaluation it holds, never another one (reads only)."""
     path = out_dir / "eval_config.json"
     if path.exists():
         before = json.loads(path.read_text())
@@ -94,8 +96,35 @@ def _check_resume(out_dir: pathlib.Path, identity: dict) -> None:
         if diff:
             raise ValueError(f"{out_dir} holds episodes of another evaluation; differing (before, now): {diff}. "
                              "Use another --output-dir.")
+
+
+def select_tasks(tasks: list[sim.Task], indices: tuple[int, ...] | None) -> list[sim.Task]:
+    """The suite's tasks with these indices, in the given order (all when None)."""
+    if indices is None:
+        return tasks
+    by_index = {t.index: t for t in tasks}
+    missing = [i for i in indices if i not in by_index]
+    if missing:
+        raise ValueError(f"--tasks {','.join(map(str, indices))}: no task {missing} in this suite "
+                         f"(indices 0..{len(tasks) - 1})")
+    return [by_index[i] for i in indices]
+
+
+def plan(config: EvalConfig, tasks: Sequence[sim.Task] | None = None,
+         make_env: Callable[[sim.Task], Env] | None = None) -> tuple[list[sim.Task], int, dict[int, int]]:
+    """(tasks, trials per task, {task index: episodes}) of `config`, or the error of an impossible
+    one (`--n` beyond the suite's fixed initial states): checked before a model, a simulator or
+    the output directory is touched. The trial count is read from the suite's init-state file
+    (a test's `make_env` is asked instead)."""
+    tasks = select_tasks(list(tasks) if tasks is not None else sim.suite_tasks(config.suite), config.tasks)
+    if make_env is None:
+        trials = len(sim.init_states(tasks[0]))
     else:
-        path.write_text(json.dumps(identity, indent=2) + "\n")
+        env = make_env(tasks[0])
+        trials = env.num_trials
+        env.close()
+    counts = results.episodes_per_task(config.n, len(tasks), trials)
+    return tasks, trials, {t.index: c for t, c in zip(tasks, counts)}
 
 
 @contextlib.contextmanager
@@ -127,41 +156,27 @@ def evaluate(
     `tasks` / `make_env` default to the real suite and sim.LiberoEnv (tests pass the fake simulator).
     """
     out = pathlib.Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with _file_log(out / "eval.log"):
-        return _evaluate(config, policy, info, tasks, make_env, out)
-
-
-def select_tasks(tasks: list[sim.Task], indices: tuple[int, ...] | None) -> list[sim.Task]:
-    """The suite's tasks with these indices, in the given order (all when None)."""
-    if indices is None:
-        return tasks
-    by_index = {t.index: t for t in tasks}
-    missing = [i for i in indices if i not in by_index]
-    if missing:
-        raise ValueError(f"--tasks {','.join(map(str, indices))}: no task {missing} in this suite "
-                         f"(indices 0..{len(tasks) - 1})")
-    return [by_index[i] for i in indices]
-
-
-def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
-    start = time.perf_counter()
-    tasks = select_tasks(list(tasks) if tasks is not None else sim.suite_tasks(config.suite), config.tasks)
-    # Render only the cameras the policy reads (rendering is ~95 % of a CPU step); the audit feeds the
-    # hidden ones synthetic frames anyway, and the video greys them.
-    rendered = [c for c in sim.SIM_CAMERAS if c not in info.hidden] if make_env is None else "the caller's make_env"
-    make_env = make_env or functools.partial(sim.LiberoEnv, seed=config.seed, cameras=tuple(rendered))
+    tasks, _, planned = plan(config, tasks, make_env)
     identity = {"suite": config.suite, "n": config.n, "max_steps": config.steps, "seed": config.seed,
                 "variant": info.variant, "checkpoint": info.checkpoint,
                 "tasks": None if config.tasks is None else list(config.tasks), "eval_view": info.eval_view,
                 "policy_batch": info.policy_batch, "assets": info.assets}
     _check_resume(out, identity)
+    with lock.hold(out, f"evaluate.py {info.variant}"), _file_log(out / "eval.log"):
+        return _evaluate(config, policy, info, tasks, make_env, out, identity, planned)
+
+
+def _evaluate(config, policy, info, tasks, make_env, out, identity, planned) -> dict:
+    start = time.perf_counter()
+    # Render only the cameras the policy reads (rendering is ~95 % of a CPU step); the audit feeds the
+    # hidden ones synthetic frames anyway, and the video greys them.
+    rendered = [c for c in sim.SIM_CAMERAS if c not in info.hidden] if make_env is None else "the caller's make_env"
+    make_env = make_env or functools.partial(sim.LiberoEnv, seed=config.seed, cameras=tuple(rendered))
     log.info("evaluation %s", json.dumps({**identity, "num_envs": config.num_envs, "rendered_cameras": rendered,
                                           "output_dir": str(out)}))
 
     first_env = make_env(tasks[0])
     try:
-        trials_available = first_env.num_trials
         first = policy_observation(first_env.reset(0), tasks[0].language, noise_seed(tasks[0].index, 0, 0))
     finally:
         first_env.close()
@@ -171,9 +186,9 @@ def _evaluate(config, policy, info, tasks, make_env, out) -> dict:
         log.error("%s", e)  # the evidence stays in eval.log; no episode runs
         raise
     log.info(audit_line)
+    (out / "eval_config.json").write_text(json.dumps(identity, indent=2) + "\n")
 
-    counts = results.episodes_per_task(config.n, len(tasks), trials_available)
-    planned = {t.index: c for t, c in zip(tasks, counts)}
+    counts = [planned[t.index] for t in tasks]
     if 0 in counts:
         log.warning("n=%d is below the number of tasks (%d): only the first %d (tasks %s) are evaluated", config.n,
                     len(tasks), config.n, ", ".join(str(t.index) for t, c in zip(tasks, counts) if c))
