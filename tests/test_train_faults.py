@@ -102,7 +102,7 @@ def test_weights_of_the_wrong_shape_fail_before_the_directory_changes(finished, 
     openpi.save_checkpoint(random_model(other), tmp_path / "weights")
     before = snapshot(cfg.run_dir)
     with pytest.raises(ValueError, match=r"checkpoint param .*: expected"):
-        train(dataclasses.replace(cfg, weights=tmp_path / "weights"))
+        train(dataclasses.replace(cfg, weights=str(tmp_path / "weights")))
     assert snapshot(cfg.run_dir) == before
 
 
