@@ -140,3 +140,18 @@ def test_metrics_log_writes_one_json_line_per_step_and_wandb_offline(tmp_path):
     records = read(tmp_path / "metrics.jsonl")
     assert records[0] == {"step": 0, "loss": 1.5, "p": 0.0} and records[1]["step"] == 10 and math.isnan(records[1]["loss"])
     assert list((tmp_path / "wandb").glob("offline-run-*"))  # written locally, no network
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--distill.lam", "nan"], "distill.lam=nan: expected a finite number"),
+    (["--lr.peak-lr", "-1"], "lr.peak_lr=-1.0: expected a finite number > 0"),
+    (["--lr.decay-lr", "inf"], "lr.decay_lr=inf: expected a finite number"),
+    (["--optimizer.b2", "1.0"], "optimizer.b2=1.0: expected a finite number >= 0 and < 1"),
+    (["--optimizer.clip-gradient-norm", "0"], "optimizer.clip_gradient_norm=0.0: expected a finite number > 0"),
+    (["--ema-decay", "nan"], "ema_decay"),
+])
+def test_numeric_flags_reject_nan_inf_and_out_of_range_values_at_start_naming_the_field(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.parse(["--variant", "curric_selfdistill", "--preset", "demo", *flags])
+    assert exit_.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.split())  # tyro's box wraps long lines
