@@ -208,6 +208,19 @@ def test_unknown_version_names_the_version_found(small):
         LeRobotSource(small, H)
 
 
+def test_invalid_info_json_names_the_file(small):
+    (small / "meta/info.json").write_text('{"codebase_version": "v2.1", "fps": ')
+    with pytest.raises(ValueError, match=rf"{small}/meta/info.json: not valid JSON \(Expecting value: line 1"):
+        LeRobotSource(small, H)
+
+
+def test_truncated_parquet_names_the_file(small):
+    path = _episode_file(small, 1)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError, match=rf"{path}: not a readable parquet file \(.*\); the file is damaged or cut short"):
+        LeRobotSource(small, H)
+
+
 def test_missing_column_names_file_and_column(small):
     path = _episode_file(small, 1)
     pq.write_table(pq.read_table(path).drop_columns(["state"]), path)

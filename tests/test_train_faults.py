@@ -27,6 +27,7 @@ import pytest
 from conftest import REPO, lock_held_by_another_process, small_run
 
 from eqx_pi05 import checkpoints, lock
+from eqx_pi05.data import norm_stats
 from eqx_pi05.train.loop import train
 from eqx_pi05.train.metrics import MetricsLog, read
 
@@ -199,11 +200,12 @@ def test_a_finite_dataset_ends_the_run_cleanly_with_a_final_checkpoint(demo_data
             f.unlink()
         lines = (data / "meta" / "episodes.jsonl").read_text().splitlines()[:2]
         (data / "meta" / "episodes.jsonl").write_text("\n".join(lines) + "\n")
+        norm_stats.main(data)  # the stats of these episodes (training refuses another selection's)
 
     data = broken_dataset(demo_data, tmp_path, two_episodes)
     frames = sum(json.loads(line)["length"] for line in (data / "meta" / "episodes.jsonl").read_text().splitlines())
     cfg = small_run(VARIANT, demo_data, tmp_path / "run", num_train_steps=100, log_interval=5, save_interval=50)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=data, num_epochs=1))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=data, norm_stats=data / "norm_stats.json", num_epochs=1))
     records = train(cfg)
     batches = frames // cfg.data.batch_size
     assert f"the data ran out after data.num_epochs=1 epoch(s) at step {batches} of num_train_steps=100" in caplog.text
