@@ -118,4 +118,6 @@ if __name__ == "__main__":
         with logging_redirect_tqdm():
             main(cli)
     except (ValueError, OSError, lock.DirectoryInUse) as err:  # a bad argument, a directory in use: named, no traceback
+        if cli.verbose:
+            raise
         sys.exit(f"evaluate.py: {err}")

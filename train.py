@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with logging_redirect_tqdm():  # phase lines above the progress bar, not through it
             records = train(cfg)
-    except (FloatingPointError, DirectoryInUse, CorruptCheckpoint, FileExistsError, FileNotFoundError) as e:
-        sys.exit(f"train.py: {e}")
+    except (FloatingPointError, DirectoryInUse, CorruptCheckpoint, FileExistsError, FileNotFoundError, ValueError) as e:
+        if "--verbose" in argv:  # the traceback too
+            raise
+        sys.exit(f"train.py: {e}")  # the messages name the file, field or value: no traceback by default
     if records:
         first, last = records[0], records[-1]
         print(f"{cfg.name}: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "

@@ -322,4 +322,6 @@ if __name__ == "__main__":
     try:
         main(cli)
     except (OSError, ValueError) as err:  # a busy port, a corrupt checkpoint: named, no traceback
+        if cli.verbose:
+            raise
         sys.exit(f"serve: {err}")

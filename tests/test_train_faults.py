@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -253,3 +254,16 @@ def test_kill_9_during_a_checkpoint_save_then_resume_gives_the_uninterrupted_run
     assert [r["loss"] for r in logged] == [r["loss"] for r in straight]
     a, b = (checkpoints.load_trained(d, params="params")[0] for d in (straight_cfg.run_dir, tmp_path / "killed"))
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_train_py_names_a_damaged_dataset_file_without_a_traceback_and_writes_nothing(demo_data, tmp_path):
+    data = broken_dataset(demo_data, tmp_path, truncate_parquet)
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "train.py", "--variant", VARIANT, "--preset", "demo", "--output-dir", str(out),
+                           "--data.dataset", str(data), "--data.tokenizer", str(data / "tokenizer.model"),
+                           "--data.norm-stats", str(data / "norm_stats.json")],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert re.search(r"train.py: .*episode_000003.parquet: not a readable parquet file", done.stderr), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
