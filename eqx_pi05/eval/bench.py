@@ -107,6 +107,8 @@ class Args:
     policy_batch_sizes: tuple[int, ...] = (1, 2)
     # Cameras rendered: "both" (a both-camera policy), "wrist" (a wrist-only policy renders only the wrist).
     render: tuple[str, ...] = ("both", "wrist")
+    # Also write the figures as JSON here (benchmarks/results/eval_sim_cpu.json holds the last run).
+    output: pathlib.Path | None = None
 
 
 def main(args: Args) -> dict:
@@ -129,6 +131,8 @@ def main(args: Args) -> dict:
             out[key] = {"episodes": args.episodes, "wall_s": round(wall, 1),
                         "episodes_per_hour": round(3600 * args.episodes / wall, 1), "load_avg_1min": os.getloadavg()[0]}
             print(json.dumps({key: out[key]}), flush=True)
+    if args.output:
+        args.output.write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
