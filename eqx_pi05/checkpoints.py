@@ -212,22 +212,34 @@ def set_aside(directory: pathlib.Path, steps: list[int]) -> list[pathlib.Path]:
     return moved
 
 
-def step_dir(path: str | pathlib.Path) -> pathlib.Path:
-    """A checkpoint step directory from a run's output dir, its checkpoints/ dir (latest step) or a step dir."""
+def _step_dirs(path: str | pathlib.Path) -> list[pathlib.Path]:
+    """Checkpoint step directories, newest first, of a run's output dir, its checkpoints/ dir or a step dir."""
     path = pathlib.Path(path).absolute()
     if (path / "params").is_dir():
-        return path
+        return [path]
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "params").is_dir()), reverse=True) if root.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"no train.py checkpoint at {path}: expected a run directory, its checkpoints/ or a step directory")
-    return root / str(steps[0])
+    return [root / str(s) for s in steps]
+
+
+def step_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """A checkpoint step directory from a run's output dir, its checkpoints/ dir (latest step) or a step dir."""
+    return _step_dirs(path)[0]
 
 
 def read_config(path: str | pathlib.Path) -> TrainConfig:
-    """The TrainConfig a checkpoint was written with."""
-    directory = step_dir(path)
-    return from_json(ocp.JsonCheckpointHandler().restore(directory / "config"))
+    """The TrainConfig a checkpoint was written with; of a run, that of its newest checkpoint whose
+    config reads (a damaged one is reported and skipped, as `restore` skips damaged arrays)."""
+    problems = []
+    for directory in _step_dirs(path):
+        try:
+            return from_json(ocp.JsonCheckpointHandler().restore(directory / "config"))
+        except Exception as err:  # noqa: BLE001 - a damaged JSON file or a config that no longer validates
+            problems.append(f"{directory / 'config'}: {type(err).__name__}: {str(err)[:300]}")
+            log.warning("checkpoint config unreadable: %s", problems[-1])
+    raise CorruptCheckpoint(f"no readable checkpoint config: {'; '.join(problems)}")
 
 
 @dataclasses.dataclass(frozen=True)

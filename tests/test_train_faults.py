@@ -159,6 +159,16 @@ def test_a_damaged_latest_checkpoint_is_reported_by_step_and_the_run_resumes_fro
     assert checkpoints.manager(cfg.run_dir / "checkpoints").all_steps() == [4, 5]
 
 
+def test_a_damaged_config_of_the_latest_checkpoint_is_skipped_when_resuming(finished, tmp_path, caplog):
+    cfg, records = copy_run(finished, tmp_path, resume=True, num_train_steps=5)
+    for f in (cfg.run_dir / "checkpoints" / "4" / "config").rglob("*"):
+        if f.is_file():
+            f.write_text("{not json")
+    resumed = train(cfg)
+    assert "checkpoint config unreadable" in caplog.text and "checkpoints/4/config" in caplog.text
+    assert [r["step"] for r in resumed] == [4]  # its arrays are intact: the run goes on from step 4
+
+
 def test_no_intact_checkpoint_is_an_error_naming_every_step(finished, tmp_path):
     cfg, _ = copy_run(finished, tmp_path, resume=True, num_train_steps=5)
     for step in (2, 4):
