@@ -14,17 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqx_pi05.config import IMAGE_KEYS, Pi05Config
+from eqx_pi05.cameras import SLOTS
+from eqx_pi05.config import Pi05Config
 from eqx_pi05.convert.openpi import abstract_model
 
 RESULTS = Path(__file__).parent / "results"
 
 # Camera sets: what the reference computes (every slot, masks decide) vs what compaction computes.
 CAMERA_SETS = {
-    "both-cam masked": IMAGE_KEYS,
-    "both-cam compacted": IMAGE_KEYS[:2],
-    "wrist-only masked": IMAGE_KEYS,
-    "wrist-only compacted": IMAGE_KEYS[1:2],
+    "both-cam masked": SLOTS,
+    "both-cam compacted": SLOTS[:2],
+    "wrist-only masked": SLOTS,
+    "wrist-only compacted": SLOTS[1:2],
 }
 
 

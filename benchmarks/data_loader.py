@@ -28,7 +28,7 @@ from eqx_pi05.data.make_demo_dataset import make_demo_dataset
 from eqx_pi05.data.pipeline import make_data_loader
 from eqx_pi05.data.tokenizer import Tokenizer
 from eqx_pi05.data.transforms import libero_inputs, normalize, pad_state_actions, resize_images, stack, tokenize
-from eqx_pi05.views import CameraProbs, ViewRemoveConfig, apply_view_remove
+from eqx_pi05.cameras import CameraProbs, ViewRemoveConfig, apply_view_remove
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "data_loader.json"
 

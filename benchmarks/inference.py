@@ -6,7 +6,7 @@
 (b) the full-size π0.5 (bf16, prompt 200, horizon 10) lowered with abstract shapes, nothing
 allocated: XLA FLOPs (loop-corrected, see common.corrected_flops) and memory analysis, batch 1.
 "masked" is what the reference computes (all three slots through SigLIP and every layer, masks decide);
-"compacted" leaves out the slots masked in every row (eqx_pi05.compact) — the same function.
+"compacted" leaves out the slots masked in every row (eqx_pi05.cameras.compact) — the same function.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import CAMERA_SETS, abstract_batch, compile_abstract, corrected_flops, median_ms, memory, write  # noqa: E402
 
-from eqx_pi05.compact import compact  # noqa: E402
-from eqx_pi05.config import IMAGE_KEYS, pi05_full, pi05_tiny  # noqa: E402
+from eqx_pi05.cameras import SLOTS, compact  # noqa: E402
+from eqx_pi05.config import pi05_full, pi05_tiny  # noqa: E402
 from eqx_pi05.model import Observation, Pi05, sample_actions  # noqa: E402
 
 MASKS = {
@@ -38,8 +38,8 @@ def tiny_batch(config, batch, masks, seed=0):
     rng = np.random.default_rng(seed)
     s = config.siglip.image_size
     return {
-        "image": {k: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for k in IMAGE_KEYS},
-        "image_mask": {k: np.full(batch, masks[k]) for k in IMAGE_KEYS},
+        "image": {k: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for k in SLOTS},
+        "image_mask": {k: np.full(batch, masks[k]) for k in SLOTS},
         "state": np.zeros((batch, 32), np.float32),
         "tokenized_prompt": np.ones((batch, config.max_token_len), np.int32),
         "tokenized_prompt_mask": np.arange(config.max_token_len)[None].repeat(batch, 0) < 20,

@@ -39,7 +39,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import corrected_flops, memory, read, write  # noqa: E402
 
-from eqx_pi05.config import IMAGE_KEYS, pi05_full, pi05_tiny  # noqa: E402
+from eqx_pi05.cameras import SLOTS  # noqa: E402
+from eqx_pi05.config import pi05_full, pi05_tiny  # noqa: E402
 from eqx_pi05.convert.openpi import abstract_model  # noqa: E402
 from eqx_pi05.model import Pi05  # noqa: E402
 from eqx_pi05.train.config import VARIANTS, demo_model  # noqa: E402
@@ -49,7 +50,7 @@ from eqx_pi05.train.state import TrainState, init_state, split_model  # noqa: E4
 from eqx_pi05.train.step import StepConfig, abstract, loss_and_grads, make_train_step, train_step  # noqa: E402
 
 H100_GIB = 80e9 / 2**30
-AGENT, WRIST, PAD = IMAGE_KEYS
+AGENT, WRIST, PAD = SLOTS
 
 
 class Form(NamedTuple):
@@ -61,18 +62,18 @@ class Form(NamedTuple):
     group_student: bool = False
 
 
-MASKED = Form(IMAGE_KEYS, (PAD,))
+MASKED = Form(SLOTS, (PAD,))
 # case -> (variant, p, {formulation: Form}); the first formulation is the reference the others are compared with.
 CASES = {
-    "both-cam BC (pi05_libero)": ("pi05_libero", 0.0, {"masked": MASKED, "compacted": Form(IMAGE_KEYS[:2])}),
+    "both-cam BC (pi05_libero)": ("pi05_libero", 0.0, {"masked": MASKED, "compacted": Form(SLOTS[:2])}),
     "wrist-only BC (wristonly_physdrop)": ("wristonly_physdrop", 0.0,
-                                           {"masked": Form(IMAGE_KEYS, (AGENT, PAD)), "compacted": Form((WRIST,))}),
+                                           {"masked": Form(SLOTS, (AGENT, PAD)), "compacted": Form((WRIST,))}),
     "selfdistill_only (p=1)": ("selfdistill_only", 1.0,
-                               {"masked": MASKED, "compacted": Form(IMAGE_KEYS[:2], drop_student=True)}),
+                               {"masked": MASKED, "compacted": Form(SLOTS[:2], drop_student=True)}),
     "curric_selfdistill (p=0.5)": ("curric_selfdistill", 0.5, {
         "masked": MASKED,
-        "compacted, student masked per row": Form(IMAGE_KEYS[:2]),
-        "compacted, grouped by camera set": Form(IMAGE_KEYS[:2], group_student=True),
+        "compacted, student masked per row": Form(SLOTS[:2]),
+        "compacted, grouped by camera set": Form(SLOTS[:2], group_student=True),
     }),
 }
 
@@ -88,7 +89,7 @@ def batch_arrays(config, b: int, form: Form, abstract_only: bool = False):
         is_spec = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)  # noqa: E731
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(*x), spec, is_leaf=is_spec)
     rng = np.random.default_rng(0)
-    images = {k: rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8) for k in IMAGE_KEYS}
+    images = {k: rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8) for k in SLOTS}
     return dict(image={k: images[k] for k in form.slots}, image_mask={k: np.full(b, k not in form.masked) for k in form.slots},
                 state=rng.normal(size=(b, 32)).astype(np.float32), tokenized_prompt=rng.integers(1, 100, (b, n)).astype(np.int32),
                 tokenized_prompt_mask=np.arange(n)[None].repeat(b, 0) < 20, actions=rng.normal(size=(b, h, 32)).astype(np.float32))

@@ -107,5 +107,4 @@ def augment(key: PRNGKeyArray, obs: Observation) -> Observation:
         keys = jax.random.split(key, image.shape[0])
         fn = lambda k, x, g="wrist" not in name: augment_image(k, x, g)  # noqa: E731
         images[name] = jax.vmap(fn)(keys, image / 2.0 + 0.5) * 2.0 - 1.0
-    return Observation(images=images, image_masks=obs.image_masks, state=obs.state,
-                       tokenized_prompt=obs.tokenized_prompt, tokenized_prompt_mask=obs.tokenized_prompt_mask)
+    return obs.replace(images=images)

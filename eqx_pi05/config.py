@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-IMAGE_KEYS: tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 PALIGEMMA_VOCAB_SIZE = 257_152
 
 

@@ -1,12 +1,13 @@
 """π0.5: SigLIP + PaliGemma LLM + action expert, flow matching, KV-cached sampling.
 
-Conventions follow openpi's `models/pi0.py` (pi05=True): t=1 is noise, t=0 is data;
-x_t = t·noise + (1−t)·actions, target u_t = noise − actions; sampling integrates from t=1 to 0 with
-10 Euler steps, the prefix computed once into a KV cache.
+Conventions follow openpi's `models/pi0.py` (pi05=True): t=1 is noise, t=0 is data (x_t and the
+target u_t: `eqx_pi05.loss.flow_matching`); sampling integrates from t=1 to 0 with 10 Euler steps,
+the prefix computed once into a KV cache. The model exposes the velocity; every loss is in `loss.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import equinox as eqx
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
-from eqx_pi05.config import IMAGE_KEYS, Pi05Config
+from eqx_pi05.cameras import SLOTS
+from eqx_pi05.config import Pi05Config
 from eqx_pi05.masks import make_attn_mask, make_positions
 from eqx_pi05.nn.gemma import JointTransformer, KVCache
 from eqx_pi05.nn.linear import Dense
@@ -23,7 +25,7 @@ from eqx_pi05.nn.siglip import Siglip
 
 
 class Observation(eqx.Module):
-    """Model inputs. `images` holds the camera slots in IMAGE_KEYS order; a slot may be left out
+    """Model inputs. `images` holds the camera slots in `cameras.SLOTS` order; a slot may be left out
     entirely ("compacted"): that is the same function as keeping it with its mask False."""
 
     images: dict[str, Float[Array, "b h w 3"]]
@@ -31,6 +33,10 @@ class Observation(eqx.Module):
     state: Float[Array, "b s"]
     tokenized_prompt: Int[Array, "b l"]
     tokenized_prompt_mask: Bool[Array, "b l"]
+
+    def replace(self, **fields) -> Observation:
+        """This observation with `fields` replaced (the others shared, not copied)."""
+        return dataclasses.replace(self, **fields)
 
     @staticmethod
     def from_batch(batch: Mapping) -> Observation:
@@ -40,10 +46,10 @@ class Observation(eqx.Module):
             x = jnp.asarray(x)
             return x.astype(jnp.float32) / 255.0 * 2.0 - 1.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
 
-        names = [k for k in IMAGE_KEYS if k in batch["image"]]
-        unknown = set(batch["image"]) - set(IMAGE_KEYS)
+        names = [k for k in SLOTS if k in batch["image"]]
+        unknown = set(batch["image"]) - set(SLOTS)
         if unknown:
-            raise ValueError(f"unknown camera slots {sorted(unknown)}; expected a subset of {IMAGE_KEYS}")
+            raise ValueError(f"unknown camera slots {sorted(unknown)}; expected a subset of {SLOTS}")
         return Observation(
             images={k: image(batch["image"][k]) for k in names},
             image_masks={k: jnp.asarray(batch["image_mask"][k], bool) for k in names},
@@ -92,7 +98,7 @@ class Pi05(eqx.Module):
     ) -> tuple[Float[Array, "b s d"], Bool[Array, "b s"], Bool[Array, " s"]]:
         """[256 image tokens per present camera slot | prompt tokens]; ar_mask all False."""
         tokens, masks = [], []
-        for name in (k for k in IMAGE_KEYS if k in obs.images):
+        for name in (k for k in SLOTS if k in obs.images):
             t = self.img(obs.images[name], dtype=self.dtype)
             tokens.append(t)
             masks.append(jnp.broadcast_to(obs.image_masks[name][:, None], t.shape[:2]))
@@ -126,18 +132,6 @@ class Pi05(eqx.Module):
             (prefix.astype(self.dtype), suffix.astype(self.dtype)), make_positions(input_mask), mask, cond
         )
         return self.action_out_proj(suffix_out[:, -x_t.shape[1] :])
-
-    def loss(
-        self,
-        obs: Observation,
-        actions: Float[Array, "b h a"],
-        noise: Float[Array, "b h a"],
-        t: Float[Array, " b"],
-    ) -> Float[Array, "b h"]:
-        """Per-sample flow-matching loss mean((v − u_t)², axis=-1) for given noise and time."""
-        tt = t[:, None, None]
-        x_t = tt * noise + (1 - tt) * actions
-        return jnp.mean(jnp.square(self.velocity(obs, x_t, t) - (noise - actions)), axis=-1)
 
     def prefill(self, obs: Observation) -> tuple[KVCache, Bool[Array, "b p"]]:
         """Run the prefix alone (LLM weights only) into a KV cache."""

@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-from eqx_pi05.config import IMAGE_KEYS, GemmaConfig, Pi05Config, SiglipConfig
+from eqx_pi05.cameras import SLOTS
+from eqx_pi05.config import GemmaConfig, Pi05Config, SiglipConfig
 from eqx_pi05.convert import openpi
+from eqx_pi05.loss import bc_per_sample, flow_matching
 from eqx_pi05.masks import make_attn_mask, make_positions
 from eqx_pi05.model import Observation, Pi05, posemb_sincos, sample_actions
 
@@ -78,13 +80,10 @@ def fixture_image(cases: dict, name: str) -> np.ndarray:
 
 
 def observation(cases: dict, case: str) -> Observation:
-    names = [k for k in IMAGE_KEYS if f"inputs/image/{k}" in cases or f"inputs/image_uint8/{k}" in cases]
-    return Observation(
-        images={k: jnp.asarray(fixture_image(cases, k)) for k in names},
-        image_masks={k: jnp.asarray(cases[f"{case}/image_mask/{k}"]) for k in names},
-        state=jnp.asarray(cases["inputs/state"]),
-        tokenized_prompt=jnp.asarray(cases["inputs/tokenized_prompt"]),
-        tokenized_prompt_mask=jnp.asarray(cases["inputs/tokenized_prompt_mask"]),
+    names = [k for k in SLOTS if f"inputs/image/{k}" in cases or f"inputs/image_uint8/{k}" in cases]
+    batch = {k: cases[f"inputs/{k}"] for k in ("state", "tokenized_prompt", "tokenized_prompt_mask")}
+    return Observation.from_batch(
+        {**batch, "image": {k: fixture_image(cases, k) for k in names}, "image_mask": {k: cases[f"{case}/image_mask/{k}"] for k in names}}
     )
 
 
@@ -93,8 +92,8 @@ def compute_case(model: Pi05, cases: dict, case: str) -> dict[str, np.ndarray]:
     obs = observation(cases, case)
     noise, actions, t = (jnp.asarray(cases[f"inputs/{k}"]) for k in ("noise", "actions", "time"))
     out = {
-        "v_t": eqx.filter_jit(Pi05.velocity)(model, obs, t[:, None, None] * noise + (1 - t[:, None, None]) * actions, t),
-        "loss": eqx.filter_jit(Pi05.loss)(model, obs, actions, noise, t),
+        "v_t": eqx.filter_jit(Pi05.velocity)(model, obs, flow_matching(actions, noise, t)[0], t),
+        "loss": eqx.filter_jit(bc_per_sample)(model, obs, actions, noise, t),
         "sample_actions": sample_actions(model, obs, noise, num_steps=10),
     }
     prefix, prefix_mask, _ = eqx.filter_jit(Pi05.embed_prefix)(model, obs)

@@ -39,12 +39,13 @@ from typing import Any, Literal
 import msgpack
 import numpy as np
 
+from eqx_pi05.cameras import CLIENT_KEYS
+
 log = logging.getLogger("eqx_pi05.serve")
 
 # One openpi observation -> {"actions": (horizon, 7), ...}: what the server calls.
 ServerPolicy = Callable[[dict], dict]
 
-IMAGE_KEYS = ("observation/image", "observation/wrist_image")
 STATE_KEY, PROMPT_KEY, SEED_KEY = "observation/state", "prompt", "noise_seed"
 LIBERO_STATE_DIM = 8
 MAX_MESSAGE_BYTES = 64 * 2**20  # openpi sets no limit; this still takes full-HD camera frames
@@ -92,10 +93,10 @@ def check_request(obs: object, state_dim: int = LIBERO_STATE_DIM) -> dict:
     """The request if it is a well-formed LIBERO observation; BadRequest saying what is wrong otherwise."""
     if not isinstance(obs, dict):
         raise BadRequest(f"request: expected a map of observation keys, got {type(obs).__name__}")
-    missing = [k for k in (*IMAGE_KEYS, STATE_KEY, PROMPT_KEY) if k not in obs]
+    missing = [k for k in (*CLIENT_KEYS, STATE_KEY, PROMPT_KEY) if k not in obs]
     if missing:
         raise BadRequest(f"request: missing key(s) {missing}; it has {sorted(map(str, obs))}")
-    for key in IMAGE_KEYS:
+    for key in CLIENT_KEYS:
         image = obs[key]
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3 and image.size):
             raise BadRequest(f"request {key!r}: expected a uint8 (h, w, 3) image, got {_describe(image)}")

@@ -66,15 +66,15 @@ def random_batch(config, batch=2, seed=0, masks=None):
     """A model batch dict in the data pipeline's format (uint8 images)."""
     import numpy as np
 
-    from eqx_pi05.config import IMAGE_KEYS
+    from eqx_pi05.cameras import SLOTS
 
     rng = np.random.default_rng(seed)
     s = config.siglip.image_size
     masks = masks or {"base_0_rgb": [True] * batch, "left_wrist_0_rgb": [True] * batch, "right_wrist_0_rgb": [False] * batch}
     lens = rng.integers(2, config.max_token_len + 1, batch)
     return {
-        "image": {k: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for k in IMAGE_KEYS},
-        "image_mask": {k: np.asarray(masks[k], bool) for k in IMAGE_KEYS},
+        "image": {k: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for k in SLOTS},
+        "image_mask": {k: np.asarray(masks[k], bool) for k in SLOTS},
         "state": rng.normal(size=(batch, 32)).astype(np.float32),
         "tokenized_prompt": np.where(np.arange(config.max_token_len) < lens[:, None], rng.integers(1, config.vocab_size, (batch, config.max_token_len)), 0).astype(np.int32),
         "tokenized_prompt_mask": np.arange(config.max_token_len) < lens[:, None],

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import random_batch, random_model, small_config
 
-from eqx_pi05.compact import compact, drop_cameras, removable_cameras
+from eqx_pi05.cameras import compact, drop, removable
+from eqx_pi05.loss import bc_per_sample
 from eqx_pi05.model import Observation, Pi05, sample_actions
 
 TOL = 1e-6
@@ -32,7 +33,7 @@ def _noise_time(config, b=2):
 
 
 def _loss(model, batch, noise, t):
-    return jnp.mean(model.loss(Observation.from_batch(batch), jnp.asarray(batch["actions"]), noise, t))
+    return jnp.mean(bc_per_sample(model, Observation.from_batch(batch), jnp.asarray(batch["actions"]), noise, t))
 
 
 @pytest.mark.parametrize("masks,dropped", [(WRIST_ONLY, ("base_0_rgb", "right_wrist_0_rgb")), (BOTH, ("right_wrist_0_rgb",))])
@@ -40,7 +41,7 @@ def test_compacted_equals_masked_v_t_loss_gradients_and_actions(small, masks, dr
     model, config = small
     batch = random_batch(config, masks=masks)
     small_batch = compact(batch)
-    assert removable_cameras(batch["image_mask"]) == dropped
+    assert removable(batch["image_mask"]) == dropped
     assert set(small_batch["image"]) == set(batch["image"]) - set(dropped)
     noise, t = _noise_time(config)
     v = eqx.filter_jit(Pi05.velocity)
@@ -78,12 +79,12 @@ def test_compacted_kv_cache_holds_exactly_the_valid_prefix_entries(small):
 def test_mixed_batch_is_left_masked():
     config = small_config()
     mixed = random_batch(config, masks={"base_0_rgb": [False, True], "left_wrist_0_rgb": [True, True], "right_wrist_0_rgb": [False, False]})
-    assert removable_cameras(mixed["image_mask"]) == ("right_wrist_0_rgb",)
+    assert removable(mixed["image_mask"]) == ("right_wrist_0_rgb",)
     assert set(compact(mixed)["image"]) == {"base_0_rgb", "left_wrist_0_rgb"}
 
 
 def test_dropping_an_absent_camera_is_an_error():
     config = small_config()
-    batch = drop_cameras(random_batch(config), ["right_wrist_0_rgb"])
+    batch = drop(random_batch(config), ["right_wrist_0_rgb"])
     with pytest.raises(KeyError, match="right_wrist_0_rgb"):
-        drop_cameras(batch, ["right_wrist_0_rgb"])
+        drop(batch, ["right_wrist_0_rgb"])

@@ -20,7 +20,7 @@ from eqx_pi05.data.transforms import (
     stack,
     tokenize,
 )
-from eqx_pi05.views import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
+from eqx_pi05.cameras import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
 
 H = 10
 

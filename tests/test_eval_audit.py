@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from eqx_pi05.eval.audit import RemovalAuditError, audit_removal
-from eqx_pi05.eval.rollout import CAMERA_KEYS, policy_observation
+from eqx_pi05.cameras import CAMERAS
+from eqx_pi05.eval.rollout import policy_observation
 from eqx_pi05.eval.sim import SimObservation
 
 
@@ -23,7 +24,7 @@ def _policy(removed=(), reads_removed=False):
         out = []
         for obs in observations:
             feats = [obs["observation/state"].sum()]
-            for camera, key in CAMERA_KEYS.items():
+            for camera, key in ((c, n.client_key) for c, n in CAMERAS.items()):
                 image = obs[key].astype(np.float64)
                 if camera in removed and not reads_removed:
                     image = np.zeros_like(image)

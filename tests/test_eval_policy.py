@@ -35,7 +35,7 @@ from eqx_pi05 import checkpoints
 from eqx_pi05.train.config import VARIANTS, demo
 from eqx_pi05.train.optimizer import make_optimizer
 from eqx_pi05.train.state import init_state
-from eqx_pi05.views import CameraProbs
+from eqx_pi05.cameras import CameraProbs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASK = fake_tasks(1)[0]

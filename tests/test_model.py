@@ -15,7 +15,7 @@ from eqx_pi05.model import Observation, Pi05, count_params, sample_actions, samp
 from eqx_pi05.trainable import part_of, trainable_filter
 
 velocity = eqx.filter_jit(Pi05.velocity)
-loss_fn = eqx.filter_jit(Pi05.loss)
+loss_fn = eqx.filter_jit(bc_per_sample)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_remat_changes_nothing_but_memory(small):
     batch = random_batch(config)
     obs = Observation.from_batch(batch)
     noise, t = _inputs(config, 2)
-    f = lambda m: jnp.mean(m.loss(obs, jnp.asarray(batch["actions"]), noise, t))
+    f = lambda m: jnp.mean(bc_per_sample(m, obs, jnp.asarray(batch["actions"]), noise, t))
     g0 = eqx.filter_jit(eqx.filter_grad(f))(model)
     g1 = eqx.filter_jit(eqx.filter_grad(f))(remat)
     chex.assert_trees_all_close(jax.tree.leaves(g0), jax.tree.leaves(g1), rtol=1e-5, atol=1e-6)
@@ -186,7 +186,7 @@ def test_lora_at_init_equals_the_base_model_and_filter_selects_only_adapters(sma
     # adapters change the function once trained: a gradient step on LoRA leaves only moves the output
     def f(tr):
         m = eqx.combine(tr, frozen)
-        return jnp.mean(m.loss(obs, jnp.asarray(random_batch(config)["actions"]), noise, t))
+        return jnp.mean(bc_per_sample(m, obs, jnp.asarray(random_batch(config)["actions"]), noise, t))
 
     value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(f))
     before, grads = value_and_grad(trainable)
@@ -216,7 +216,7 @@ def test_full_size_model_shapes_and_lowering_without_allocation():
     out = jax.eval_shape(lambda m, f, x, tt: m.velocity(Observation(**f), x, tt), model, fields, act, t)
     assert out.shape == (b, config.action_horizon, 32) and out.dtype == jnp.float32
     params, static = eqx.partition(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    loss = lambda p, f, a, n, tt: eqx.combine(p, static).loss(Observation(**f), a, n, tt)
+    loss = lambda p, f, a, n, tt: bc_per_sample(eqx.combine(p, static), Observation(**f), a, n, tt)
     lowered = jax.jit(loss).lower(params, fields, act, act, t)
     text = lowered.as_text()
     assert "bf16" in text and "f32[1,10]" in text.replace("tensor<1x10xf32>", "f32[1,10]")

@@ -48,10 +48,11 @@ def _write_fixture(dst, model, config, batch):
     """A fixture in the shared format, from our own model, at other sizes than the shipped one."""
     import jax.numpy as jnp
 
-    from eqx_pi05.config import IMAGE_KEYS
+    from eqx_pi05.cameras import SLOTS
     from eqx_pi05.convert import openpi
     import equinox as eqx
 
+    from eqx_pi05.loss import bc_per_sample
     from eqx_pi05.model import Observation, Pi05, sample_actions
 
     dst.mkdir()
@@ -69,18 +70,18 @@ def _write_fixture(dst, model, config, batch):
         )
     )
     np.savez(dst / "params.npz", **{k: np.asarray(v) for k, v in openpi.to_openpi(model).items()})
-    arrays = {f"inputs/image_uint8/{k}": batch["image"][k] for k in IMAGE_KEYS}
+    arrays = {f"inputs/image_uint8/{k}": batch["image"][k] for k in SLOTS}
     rng = np.random.default_rng(1)
     noise = rng.normal(size=batch["actions"].shape).astype(np.float32)
     t = np.array([0.3, 0.8], np.float32)
     arrays.update({"inputs/state": batch["state"], "inputs/tokenized_prompt": batch["tokenized_prompt"], "inputs/tokenized_prompt_mask": batch["tokenized_prompt_mask"], "inputs/noise": noise, "inputs/time": t, "inputs/actions": batch["actions"]})
     obs = Observation.from_batch(batch)
-    for k in IMAGE_KEYS:
+    for k in SLOTS:
         arrays[f"case_i/image_mask/{k}"] = batch["image_mask"][k]
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * batch["actions"]
     arrays["case_i/x_t"] = x_t
     arrays["case_i/v_t"] = np.asarray(eqx.filter_jit(Pi05.velocity)(model, obs, jnp.asarray(x_t), jnp.asarray(t)))
-    arrays["case_i/loss"] = np.asarray(eqx.filter_jit(Pi05.loss)(model, obs, jnp.asarray(batch["actions"]), jnp.asarray(noise), jnp.asarray(t)))
+    arrays["case_i/loss"] = np.asarray(eqx.filter_jit(bc_per_sample)(model, obs, jnp.asarray(batch["actions"]), jnp.asarray(noise), jnp.asarray(t)))
     arrays["case_i/sample_actions"] = np.asarray(sample_actions(model, obs, jnp.asarray(noise)))
     np.savez_compressed(dst / "cases.npz", **arrays)
     return arrays

@@ -28,7 +28,7 @@ from eqx_pi05.data.transforms import Transforms
 from eqx_pi05.eval import policy as eval_policy
 from eqx_pi05.eval.audit import RemovalAuditError
 from eqx_pi05.eval.run import PolicyInfo
-from eqx_pi05.views import CameraProbs
+from eqx_pi05.cameras import CameraProbs
 
 PROMPT = "pick up the black bowl and place it on the plate"
 TIMEOUT = 60  # seconds for any one client operation: a hung server fails the test, it does not hang it

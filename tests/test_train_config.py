@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from eqx_pi05.distill import curriculum_p
+from eqx_pi05.cameras import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
+from eqx_pi05.loss import curriculum_p
 from eqx_pi05.train.config import VARIANTS, DistillConfig, demo, from_json, to_json
 from eqx_pi05.train.metrics import MetricsLog, read
 from eqx_pi05.train.optimizer import lr_schedule
-from eqx_pi05.views import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import train as train_cli  # noqa: E402

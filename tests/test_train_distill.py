@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from conftest import random_batch, random_model, small_config
 
-from eqx_pi05.compact import compact
-from eqx_pi05.distill import distill_loss, drop_camera, remove_camera, removed_rows
+from eqx_pi05.cameras import compact, drop, mask
+from eqx_pi05.loss import bc_per_sample, removed_rows, train_loss
 from eqx_pi05.model import Observation, Pi05, sample_noise_and_time
 from eqx_pi05.train.config import VARIANTS
 from eqx_pi05.train.optimizer import make_optimizer
 from eqx_pi05.train.state import init_state
-from eqx_pi05.train.step import FAST_COMPILE, StepConfig, loss_and_grads
+from eqx_pi05.train.step import FAST_COMPILE, StepConfig, loss_and_grads, step_keys
 
 LAM, ANCHOR = 0.7, 0.2
 
@@ -36,7 +36,7 @@ def setup():
     return random_model(cfg, seed=0), obs, student, actions, noise, t
 
 
-def test_distill_loss_and_gradients_match_a_hand_computation(setup):
+def test_train_loss_and_gradients_match_a_hand_computation(setup):
     model, obs, student, actions, noise, t = setup
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
@@ -49,8 +49,8 @@ def test_distill_loss_and_gradients_match_a_hand_computation(setup):
             vs, vb = m.velocity(student, x_t, t), m.velocity(obs, x_t, t)
             return jnp.mean((vs - u_t) ** 2) + LAM * jnp.mean((vs - v_both) ** 2) + ANCHOR * jnp.mean((vb - u_t) ** 2)
 
-        ours = lambda m: distill_loss(m, obs, student, actions, noise, t, lam=LAM, anchor_frac=ANCHOR)  # noqa: E731
-        expected = dict(bc=jnp.mean((v_s - u_t) ** 2), model_loss=m.loss(student, actions, noise, t).mean(),
+        ours = lambda m: train_loss(m, obs, student, actions, noise, t, lam=LAM, anchor_frac=ANCHOR)  # noqa: E731
+        expected = dict(bc=jnp.mean((v_s - u_t) ** 2), model_loss=bc_per_sample(m, student, actions, noise, t).mean(),
                         distill=jnp.mean((v_s - v_both) ** 2), anchor=jnp.mean((v_both - u_t) ** 2))
         return eqx.filter_value_and_grad(ours, has_aux=True)(m), eqx.filter_grad(hand)(m), expected
 
@@ -73,7 +73,7 @@ def test_a_separate_teacher_sets_the_target_and_the_live_model_the_anchor(setup)
     def run(model, other):
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
         v_s, v_other, v_live = (m.velocity(o, x_t, t) for m, o in ((model, student), (other, obs), (model, obs)))
-        _, terms = distill_loss(model, obs, student, actions, noise, t, lam=LAM, anchor_frac=ANCHOR, teacher=other)
+        _, terms = train_loss(model, obs, student, actions, noise, t, lam=LAM, anchor_frac=ANCHOR, teacher=other)
         return terms, jnp.mean((v_s - v_other) ** 2), jnp.mean((v_live - (noise - actions)) ** 2)
 
     terms, distill, anchor = run(model, other)
@@ -86,14 +86,14 @@ def test_remove_camera_masks_rows_with_probability_p():
     obs = Observation(images={"base_0_rgb": jnp.zeros((n, 1, 1, 3))}, image_masks={"base_0_rgb": jnp.arange(n) % 4 != 0},
                       state=jnp.zeros((n, 2)), tokenized_prompt=jnp.zeros((n, 1), jnp.int32), tokenized_prompt_mask=jnp.ones((n, 1), bool))
     key = jax.random.key(0)
-    mask = lambda p: np.asarray(remove_camera(obs, "base_0_rgb", jnp.float32(p), key).image_masks["base_0_rgb"])  # noqa: E731
+    masked = lambda p: np.asarray(mask(obs, ["base_0_rgb"], removed_rows(key, jnp.float32(p), n)).image_masks["base_0_rgb"])  # noqa: E731
     before = np.asarray(obs.image_masks["base_0_rgb"])
-    np.testing.assert_array_equal(mask(0.0), before)
-    assert not mask(1.0).any()
-    half = mask(0.5)
+    np.testing.assert_array_equal(masked(0.0), before)
+    assert not masked(1.0).any()
+    half = masked(0.5)
     assert not half[~before].any()  # an already masked row stays masked
     assert abs(half[before].mean() - 0.5) < 0.05
-    assert "base_0_rgb" not in drop_camera(obs, "base_0_rgb").images
+    assert "base_0_rgb" not in drop(obs, ["base_0_rgb"]).images
 
 
 def _forwards(monkeypatch, step_cfg, state, batch, drop_student=False, teacher=None):
@@ -136,18 +136,17 @@ def test_distillation_traces_one_student_and_one_teacher_forward(monkeypatch, st
     assert _forwards(monkeypatch, cfg, state, batch) == {WRIST: 1, BOTH: 1}
     assert _forwards(monkeypatch, dataclasses.replace(cfg, group_student=False), state, batch) == {BOTH: 2}
     assert _forwards(monkeypatch, cfg, state, batch, drop_student=True) == {WRIST: 1, BOTH: 1}
-    ema = dataclasses.replace(cfg, teacher="ema")  # EMA teacher + live anchor: three forwards
+    ema = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher="ema"))  # EMA teacher + live anchor: three forwards
     assert _forwards(monkeypatch, ema, state, batch, drop_student=True) == {WRIST: 1, BOTH: 2}
     assert _forwards(monkeypatch, ema, state, batch) == {WRIST: 1, BOTH: 2}
-    no_anchor = dataclasses.replace(ema, anchor_frac=0.0)  # no live forward: the student is masked per row
+    no_anchor = dataclasses.replace(ema, distill=dataclasses.replace(ema.distill, anchor_frac=0.0))  # no live forward: the student is masked per row
     assert _forwards(monkeypatch, no_anchor, state, batch, drop_student=True) == {WRIST: 1, BOTH: 1}
     assert _forwards(monkeypatch, no_anchor, state, batch) == {BOTH: 2}
 
 
 def _student_rows(state, p, b):
-    """The rows the step removes the student's camera from (the step's own key derivation)."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    return np.asarray(removed_rows(jax.random.split(key, 3)[2], jnp.float32(p), b))
+    """The rows the step removes the student's camera from (drawn with the step's own student key)."""
+    return np.asarray(removed_rows(step_keys(state)[2], jnp.float32(p), b))
 
 
 @pytest.mark.parametrize("variant,p", [("curric_selfdistill", 0.5), ("curric_selfdistill", 1.0), ("curriculum_only", 0.5),
@@ -182,5 +181,5 @@ def test_compacted_distillation_step_equals_the_masked_reference(variant, p):
 def test_grouping_the_student_needs_the_live_forward(setup):
     model, obs, student, actions, noise, t = setup
     with pytest.raises(ValueError, match="live both-camera forward"):
-        distill_loss(model, obs, drop_camera(obs, "base_0_rgb"), actions, noise, t, lam=0.0, anchor_frac=0.0,
+        train_loss(model, obs, drop(obs, ["base_0_rgb"]), actions, noise, t, lam=0.0, anchor_frac=0.0,
                      student_rows=jnp.array([True, False, True]))

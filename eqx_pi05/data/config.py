@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+from eqx_pi05.cameras import ViewDropoutConfig, ViewRemoveConfig, check_exclusive
 from eqx_pi05.data.episodes import Suite, selected_tasks
-from eqx_pi05.views import ViewDropoutConfig, ViewRemoveConfig, check_exclusive
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,11 +30,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from eqx_pi05.cameras import CAMERAS
 from eqx_pi05.data import images as _images
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 # openpi client key <- LeRobot feature (physical-intelligence/libero names).
-IMAGE_FEATURES = {"observation/image": "image", "observation/wrist_image": "wrist_image"}
+IMAGE_FEATURES = {c.client_key: c.lerobot_feature for c in CAMERAS.values()}
 VECTOR_FEATURES = {"observation/state": "state", "actions": "actions"}
 INDEX_COLUMNS = ("episode_index", "frame_index", "task_index")
 ROW_GROUP_CACHE_BYTES = 256 << 20  # per process: encoded images of recently read row groups

@@ -25,7 +25,7 @@ from eqx_pi05.data import images as _images
 from eqx_pi05.data.config import DataConfig
 from eqx_pi05.data.norm_stats import NormStats, quantile_normalize, quantile_unnormalize
 from eqx_pi05.data.tokenizer import Tokenizer
-from eqx_pi05.views import CameraProbs, apply_view_dropout, apply_view_remove
+from eqx_pi05.cameras import CAMERAS, PADDING_SLOT, CameraProbs, apply_view_dropout, apply_view_remove
 
 MODEL_ACTION_DIM = 32
 IMAGE_SIZE = 224
@@ -33,17 +33,16 @@ LIBERO_ACTION_DIM = 7
 
 
 def libero_inputs(sample: dict) -> dict:
-    """openpi `LiberoInputs` for pi0/pi05: agentview -> base_0_rgb, wrist -> left_wrist_0_rgb, and the
-    unused right_wrist_0_rgb slot = zeros with mask False (the padding convention)."""
-    for key in ("observation/image", "observation/wrist_image", "observation/state"):
+    """openpi `LiberoInputs` for pi0/pi05: each camera's client key -> its model slot (agentview ->
+    base_0_rgb, wrist -> left_wrist_0_rgb), and the padding slot = zeros with mask False."""
+    for key in (*(c.client_key for c in CAMERAS.values()), "observation/state"):
         if key not in sample:
             raise KeyError(f"libero_inputs: sample lacks {key!r}; it has {sorted(sample)}")
-    base = _images.to_uint8_hwc(sample["observation/image"])
-    wrist = _images.to_uint8_hwc(sample["observation/wrist_image"])
+    image = {c.slot: _images.to_uint8_hwc(sample[c.client_key]) for c in CAMERAS.values()}
     out = {
         "state": np.asarray(sample["observation/state"], np.float32),
-        "image": {"base_0_rgb": base, "left_wrist_0_rgb": wrist, "right_wrist_0_rgb": np.zeros_like(base)},
-        "image_mask": {"base_0_rgb": np.True_, "left_wrist_0_rgb": np.True_, "right_wrist_0_rgb": np.False_},
+        "image": {**image, PADDING_SLOT: np.zeros_like(image[CAMERAS["agentview"].slot])},
+        "image_mask": {**{s: np.True_ for s in image}, PADDING_SLOT: np.False_},
         "prompt": sample.get("prompt"),
     }
     if "actions" in sample:

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from eqx_pi05.eval.rollout import CAMERA_KEYS, Policy
+from eqx_pi05.cameras import CAMERAS
+from eqx_pi05.eval.rollout import Policy
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _with_noise(observation: dict, cameras: list[str], seed: int) -> dict:
     rng = np.random.default_rng(seed)
     out = dict(observation)
     for camera in cameras:
-        key = CAMERA_KEYS[camera]
+        key = CAMERAS[camera].client_key
         out[key] = rng.integers(0, 256, np.shape(observation[key]), dtype=np.uint8)
     return out
 
@@ -60,8 +61,8 @@ def audit_removal(
     dropped = {c: p for c, p in view_dropout_train.items() if p > 0}
     zeroed = {c: p for c, p in (view_dropout_eval or {}).items() if p > 0}
     for camera in [*removed, *dropped, *zeroed]:
-        if camera not in CAMERA_KEYS:
-            raise ValueError(f"camera removal audit: unknown camera {camera!r}, expected one of {list(CAMERA_KEYS)}")
+        if camera not in CAMERAS:
+            raise ValueError(f"camera removal audit: unknown camera {camera!r}, expected one of {list(CAMERAS)}")
     parts = [f"eval physical view-removal {_settings(removed)}"] if removed else []
     parts += [f"eval view_dropout {_settings(zeroed)} as deployed: zeros with mask True"] if zeroed else []
     what = "; ".join(parts)
@@ -81,7 +82,7 @@ def audit_removal(
     _require_equal(first, _actions(policy, _with_noise(observation, audited, seed=2)), failed,
                    f"replacing the pixels of {audited} with other noise changed the actions; the policy reads a "
                    "camera that is configured as removed")
-    visible = [c for c in CAMERA_KEYS if c not in audited]
+    visible = [c for c in CAMERAS if c not in audited]
     if visible and np.array_equal(first, _actions(policy, _with_noise(observation, audited + visible, seed=3))):
         log.warning("removal audit: noise on the visible camera(s) %s did not change the actions either; "
                     "the policy may ignore its images altogether", visible)

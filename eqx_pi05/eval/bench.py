@@ -69,7 +69,7 @@ def time_policy(batch_sizes: tuple[int, ...], calls: int = 5) -> dict:
     from eqx_pi05.eval.policy import make_policy  # noqa: PLC0415
     from eqx_pi05.eval.rollout import policy_observation  # noqa: PLC0415
     from eqx_pi05.model import Pi05  # noqa: PLC0415
-    from eqx_pi05.views import CameraProbs  # noqa: PLC0415
+    from eqx_pi05.cameras import CameraProbs  # noqa: PLC0415
 
     config = pi05_tiny()
     model = eqx.filter_jit(lambda key: Pi05(config, key=key))(jax.random.key(0))

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eqx_pi05.compact import drop_cameras
-from eqx_pi05.config import IMAGE_KEYS
+from eqx_pi05 import cameras
 from eqx_pi05.data.norm_stats import NormStats
 from eqx_pi05.data.tokenizer import Tokenizer
 from eqx_pi05.data.transforms import EvalView, Transforms, libero_outputs, make_transforms, stack
@@ -33,7 +32,6 @@ from eqx_pi05.eval.rollout import Policy
 from eqx_pi05.eval.run import PolicyInfo
 from eqx_pi05.model import Observation, Pi05, sample_actions
 from eqx_pi05.prompt import trim_prompt
-from eqx_pi05.views import CAMERA_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ def make_policy(
     # Slots no row ever attends to, decided by the config, not by the batch (a batch-dependent
     # choice would make a row's actions depend on its batch mates): the padding slot, and cameras
     # the eval transforms always remove. Leaving them out is the same function, less compute.
-    never_seen = [IMAGE_KEYS[2]] + [CAMERA_SLOTS[c] for c, p in transforms.view_remove.active().items() if p >= 1.0]
+    never_seen = [cameras.PADDING_SLOT, *transforms.view_remove.always()]
 
     def noise(seed_: int) -> jax.Array:
         return jax.random.normal(jax.random.fold_in(base_key, seed_), (config.action_horizon, config.action_dim))
@@ -66,7 +64,7 @@ def make_policy(
         eps = jnp.stack([noise(s) for s in seeds + seeds[-1:] * pad])
         # The prompt's trailing padding is cut to a bucket of the call's longest prompt (LIBERO's 15-21
         # tokens are all in the 32 bucket, so that is no batch mate's doing either).
-        obs = Observation.from_batch(trim_prompt(drop_cameras(batch, never_seen)))
+        obs = Observation.from_batch(trim_prompt(cameras.drop(batch, never_seen)))
         actions = sample_actions(model, obs, eps, num_steps=num_steps)
         return np.asarray(actions)[: len(samples)]
 

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from jaxtyping import Float
 
+from eqx_pi05.cameras import CAMERAS
 from eqx_pi05.data.images import resize_with_pad
 from eqx_pi05.eval.sim import SimObservation, Task
 
@@ -30,8 +31,6 @@ SETTLE_STEPS = 10
 REPLAN_STEPS = 5
 SETTLE_ACTION = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])
 POLICY_RESOLUTION = 224
-# Camera name (views.py) -> key of the openpi client observation that carries its image.
-CAMERA_KEYS = {"agentview": "observation/image", "wrist": "observation/wrist_image"}
 
 # observations (openpi client dicts) -> action chunks (n, horizon, 7)
 Policy = Callable[[list[dict]], Float[np.ndarray, "n horizon 7"]]
@@ -71,8 +70,7 @@ def policy_observation(obs: SimObservation, prompt: str, seed: int) -> dict:
     """The openpi client's request: images resized with padding to 224, the 8-dim state, the prompt.
     `noise_seed` is ours (openpi's server ignores extra keys)."""
     return {
-        CAMERA_KEYS["agentview"]: resize_with_pad(obs["agentview"], POLICY_RESOLUTION, POLICY_RESOLUTION),
-        CAMERA_KEYS["wrist"]: resize_with_pad(obs["wrist"], POLICY_RESOLUTION, POLICY_RESOLUTION),
+        **{c.client_key: resize_with_pad(obs[name], POLICY_RESOLUTION, POLICY_RESOLUTION) for name, c in CAMERAS.items()},
         "observation/state": np.asarray(obs["state"]),
         "prompt": prompt,
         "noise_seed": seed,

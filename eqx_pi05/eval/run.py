@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from eqx_pi05 import lock
+from eqx_pi05.cameras import CAMERAS
 from eqx_pi05.eval import results, sim, video
 from eqx_pi05.eval.audit import RemovalAuditError, audit_removal
 from eqx_pi05.eval.batched import Settings, plan_chunks, run_chunks
@@ -79,7 +80,7 @@ class PolicyInfo:
     def hidden(self) -> tuple[str, ...]:
         """Cameras the policy never reads: removed, or fed as zeros, in every sample."""
         probs = {**self.view_remove_eval, **self.view_dropout_eval}
-        return tuple(c for c in sim.SIM_CAMERAS if probs.get(c, 0.0) >= 1.0)
+        return tuple(c for c in CAMERAS if probs.get(c, 0.0) >= 1.0)
 
 
 # Fields that must match for a rerun to continue an output directory's episodes: everything that can
@@ -170,7 +171,7 @@ def _evaluate(config, policy, info, tasks, make_env, out, identity, planned) -> 
     start = time.perf_counter()
     # Render only the cameras the policy reads (rendering is ~95 % of a CPU step); the audit feeds the
     # hidden ones synthetic frames anyway, and the video greys them.
-    rendered = [c for c in sim.SIM_CAMERAS if c not in info.hidden] if make_env is None else "the caller's make_env"
+    rendered = [c for c in CAMERAS if c not in info.hidden] if make_env is None else "the caller's make_env"
     simulator = sim.versions() if make_env is None else "the caller's make_env"
     if isinstance(simulator, dict) and simulator["mujoco"] != sim.REFERENCE_MUJOCO:
         log.warning("mujoco %s: openpi's LIBERO evaluation renders with %s, and frames differ (README, simulator "

@@ -29,12 +29,13 @@ from typing import TypedDict
 import numpy as np
 from jaxtyping import Float, UInt8
 
+from eqx_pi05.cameras import CAMERAS
+
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 RESOLUTION = 256
 ENV_SEED = 7
 # Our camera name -> robosuite's camera and observation key. Rendering is ~95 % of a CPU step, so an
 # env renders only the cameras the policy reads; the others come out as black frames.
-SIM_CAMERAS = {"agentview": ("agentview", "agentview_image"), "wrist": ("robot0_eye_in_hand", "robot0_eye_in_hand_image")}
 
 
 class SimObservation(TypedDict):
@@ -119,7 +120,8 @@ def sim_observation(raw: dict, resolution: int = RESOLUTION) -> SimObservation:
     """The raw robosuite observation → rotated images and the 8-dim state; a camera that was not
     rendered is a black frame."""
     black = np.zeros((resolution, resolution, 3), np.uint8)
-    images = {c: np.ascontiguousarray(raw[key][::-1, ::-1]) if key in raw else black for c, (_, key) in SIM_CAMERAS.items()}
+    keys = {name: f"{c.sim_camera}_image" for name, c in CAMERAS.items()}  # robosuite's observation key of a camera
+    images = {name: np.ascontiguousarray(raw[key][::-1, ::-1]) if key in raw else black for name, key in keys.items()}
     return SimObservation(
         **images,
         state=np.concatenate(
@@ -136,17 +138,17 @@ class LiberoEnv:
     """
 
     def __init__(self, task: Task, seed: int = ENV_SEED, resolution: int = RESOLUTION,
-                 cameras: tuple[str, ...] = tuple(SIM_CAMERAS)):
+                 cameras: tuple[str, ...] = tuple(CAMERAS)):
         _, OffScreenRenderEnv = _libero()
-        unknown = set(cameras) - set(SIM_CAMERAS)
+        unknown = set(cameras) - set(CAMERAS)
         if unknown or not cameras:
-            raise ValueError(f"LiberoEnv cameras: expected a non-empty subset of {list(SIM_CAMERAS)}, got {cameras}")
+            raise ValueError(f"LiberoEnv cameras: expected a non-empty subset of {list(CAMERAS)}, got {cameras}")
         self.task, self.resolution = task, resolution
         self._init_states = init_states(task)
         self.num_trials = len(self._init_states)
         self._env = OffScreenRenderEnv(
             bddl_file_name=task.bddl_file, camera_heights=resolution, camera_widths=resolution,
-            camera_names=[SIM_CAMERAS[c][0] for c in SIM_CAMERAS if c in cameras],
+            camera_names=[CAMERAS[c].sim_camera for c in CAMERAS if c in cameras],
         )
         outer = np.random.get_state()
         self._env.seed(seed)  # = np.random.seed(seed): LIBERO draws its scene from the global RNG

@@ -10,6 +10,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 from jaxtyping import UInt8
 
+from eqx_pi05.cameras import CAMERAS
 from eqx_pi05.eval.sim import SimObservation
 
 FPS = 10  # as the reference's replay videos
@@ -25,7 +26,7 @@ def grey(image: UInt8[np.ndarray, "h w 3"]) -> UInt8[np.ndarray, "h w 3"]:
 
 
 def frame(obs: SimObservation, greyed: Sequence[str]) -> UInt8[np.ndarray, "h w2 3"]:
-    views = [grey(obs[c]) if c in greyed else obs[c] for c in ("agentview", "wrist")]
+    views = [grey(obs[c]) if c in greyed else obs[c] for c in CAMERAS]
     return np.concatenate(views, axis=1)
 
 

@@ -29,11 +29,8 @@ from eqx_pi05.config import (
     pi05_tiny,
 )
 from eqx_pi05.data.config import DataConfig
-from eqx_pi05.distill import curriculum_p
-from eqx_pi05.views import CAMERA_SLOTS, Camera, CameraProbs, ViewDropoutConfig, ViewRemoveConfig
-
-Teacher = Literal["self", "ema", "checkpoint"]
-
+from eqx_pi05.cameras import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
+from eqx_pi05.loss import DistillConfig, Teacher
 
 def _check_ranges(prefix: str, cfg, **bounds: tuple) -> None:
     """bounds: field=(low, low allowed) or (low, low allowed, high exclusive); NaN fails every test."""
@@ -84,72 +81,6 @@ class AdamW:
     def __post_init__(self):
         _check_ranges("optimizer", self, b1=(0, True, 1), b2=(0, True, 1), eps=(0, False), weight_decay=(0, True),
                       clip_gradient_norm=(0, False))
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillConfig:
-    """The report's in-loss mechanism (M3): the student is the model with `camera` removed per
-    sample with probability p(step); the teacher is a both-camera forward with the same noise and time.
-
-        loss = BC(v_student) + lam·mean((v_student − sg(v_teacher))²) + anchor_frac·BC(v_both)
-
-    p(step): `schedule="constant"` uses `p`; `schedule="curriculum"` is
-    0.5·(1 − cos(π·clip(step / (curriculum_frac·N), 0, 1))). Teacher: `self` (the live params,
-    v_teacher = sg of the live both-camera forward, whose un-stopped value is the anchor's),
-    `ema` (the EMA params), `checkpoint` (frozen params read from `teacher_checkpoint`). In the
-    `ema`/`checkpoint` modes the anchor is the live model's both-camera forward (a teacher with frozen
-    params would give the anchor no gradient at all).
-    """
-
-    lam: float | None = None
-    anchor_frac: float | None = None
-    schedule: Literal["constant", "curriculum"] | None = None
-    p: float | None = None  # schedule "constant" only
-    curriculum_frac: float | None = None  # schedule "curriculum" only (the report: 0.75)
-    teacher: Teacher | None = None  # required when lam > 0 or anchor_frac > 0
-    teacher_checkpoint: pathlib.Path | None = None  # teacher "checkpoint" only: an openpi params dir
-    camera: Camera = "agentview"  # the camera the student loses
-
-    def __post_init__(self):
-        for name in ("lam", "anchor_frac", "schedule"):
-            if getattr(self, name) is None:
-                raise ValueError(f"distill.{name}: required for a distillation config, got None (no silent default; "
-                                 "lam=0 and anchor_frac=0 give the in-loss removal without a teacher)")
-        if self.lam < 0 or self.anchor_frac < 0:
-            raise ValueError(f"distill.lam and distill.anchor_frac: expected >= 0, got {self.lam} and {self.anchor_frac}")
-        if self.schedule == "constant":
-            if self.p is None or not 0.0 <= self.p <= 1.0:
-                raise ValueError(f"distill.p: schedule 'constant' needs a probability in [0, 1], got {self.p}")
-            if self.curriculum_frac is not None:
-                raise ValueError(f"distill.curriculum_frac={self.curriculum_frac} with distill.schedule='constant': "
-                                 "the curriculum fraction is only read by schedule 'curriculum'; set one")
-        else:
-            if self.curriculum_frac is None or not 0.0 < self.curriculum_frac <= 1.0:
-                raise ValueError(f"distill.curriculum_frac: schedule 'curriculum' needs a value in (0, 1], got {self.curriculum_frac}")
-            if self.p is not None:
-                raise ValueError(f"distill.p={self.p} with distill.schedule='curriculum': p(step) comes from "
-                                 "distill.curriculum_frac; set distill.p only with schedule 'constant'")
-        if self.uses_teacher and self.teacher is None:
-            raise ValueError(f"distill.teacher: required when distill.lam ({self.lam}) or distill.anchor_frac "
-                             f"({self.anchor_frac}) > 0; expected one of self, ema, checkpoint")
-        if not self.uses_teacher and self.teacher is not None:
-            raise ValueError(f"distill.teacher={self.teacher!r} with distill.lam=0 and distill.anchor_frac=0: "
-                             "no term reads the teacher; set distill.teacher to None")
-        if (self.teacher == "checkpoint") != (self.teacher_checkpoint is not None):
-            raise ValueError(f"distill.teacher={self.teacher!r} and distill.teacher_checkpoint={self.teacher_checkpoint}: "
-                             "a checkpoint teacher needs a path, and a path needs teacher 'checkpoint'")
-
-    def p_at(self, step: int, num_steps: int) -> float:
-        """Probability that a sample's student loses its camera at `step` (0-based) of `num_steps`."""
-        return self.p if self.schedule == "constant" else curriculum_p(step, num_steps, self.curriculum_frac)
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.lam > 0 or self.anchor_frac > 0
-
-    @property
-    def slot(self) -> str:
-        return CAMERA_SLOTS[self.camera]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from eqx_pi05 import checkpoints, lock
-from eqx_pi05.compact import drop_cameras, removable_cameras
-from eqx_pi05.config import IMAGE_KEYS
+from eqx_pi05 import cameras, checkpoints, lock
 from eqx_pi05.data.pipeline import make_data_loader
 from eqx_pi05.model import Pi05
 from eqx_pi05.prompt import prompt_length, trim_prompt
@@ -30,7 +28,6 @@ from eqx_pi05.train.sharding import fsdp_shardings, global_batch, initialize, ma
 from eqx_pi05.train.state import TrainState, init_state
 from eqx_pi05.train.step import FAST_COMPILE, StepConfig, abstract, make_train_step
 from eqx_pi05.trainable import describe_counts, param_counts
-from eqx_pi05.views import CAMERA_SLOTS
 
 logger = logging.getLogger(__name__)  # the phase lines (train.py shows INFO; `log` below is the metrics log)
 
@@ -178,7 +175,7 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, teacher, step_fn, dat
     mgr = checkpoints.manager(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoint)
     # Slots no row may attend to, decided from the config (not per batch: a chance all-False batch
     # would retrace, and processes must agree): the padding slot and cameras view_remove always drops.
-    always_removed = [IMAGE_KEYS[2]] + [CAMERA_SLOTS[c] for c, p in cfg.data.view_remove.train.active().items() if p >= 1.0]
+    always_removed = [cameras.PADDING_SLOT, *cfg.data.view_remove.train.always()]
     start, n = int(state.step), cfg.num_train_steps
     suffix = "" if main else f".process{jax.process_index()}"
     log = MetricsLog(out / f"metrics{suffix}.jsonl", start=start, wandb_run=_wandb_run(cfg, run_info, fresh=start == 0) if cfg.wandb and main else None)
@@ -195,11 +192,11 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, teacher, step_fn, dat
                            "saving step %d and stopping", cfg.data.num_epochs, step, n, step)
             n = step
             break
-        missing = set(always_removed) - set(removable_cameras(batch["image_mask"]))
+        missing = set(always_removed) - set(cameras.removable(batch["image_mask"]))
         if missing:
             raise ValueError(f"step {step}: slots {sorted(missing)} should be masked in every row by the config, but are not")
         p = 0.0 if cfg.distill is None else cfg.distill.p_at(step, cfg.num_train_steps)
-        batch = trim_prompt(drop_cameras(batch, always_removed), length=_global_prompt_length(batch))
+        batch = trim_prompt(cameras.drop(batch, always_removed), length=_global_prompt_length(batch))
         batch = global_batch(batch, mesh)
         wrist_only = cfg.distill is not None and p >= 1.0
         program = (wrist_only, tuple((jax.tree_util.keystr(k), x.shape) for k, x in jax.tree_util.tree_leaves_with_path(batch)))

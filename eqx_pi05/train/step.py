@@ -5,7 +5,7 @@ boundary (`eqx_pi05.train.sharding`) and the state donated. What it computes is 
 `StepConfig` and by `drop_student` (static): p(step) = 1 means the student's camera leaves the
 observation (compacted, its tokens never computed). p < 1 draws the removed rows inside the step;
 when the loss computes the live both-camera forward anyway, the rows are grouped by camera set (the
-compacted student forward, selected per row against the live one: `distill.distill_loss`), else the
+compacted student forward, selected per row against the live one: `loss.select_student`), else the
 camera is masked per row.
 """
 
@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from eqx_pi05.augment import augment
-from eqx_pi05.distill import distill_loss, drop_camera, has_live_forward, remove_camera, removed_rows
+from eqx_pi05.loss import DistillConfig, has_live_forward, select_student, train_loss
 from eqx_pi05.model import Observation, Pi05, sample_noise_and_time
-from eqx_pi05.train.config import AdamW, LRSchedule, Teacher, TrainConfig
+from eqx_pi05.train.config import AdamW, LRSchedule, TrainConfig
 from eqx_pi05.train.optimizer import lr_schedule, make_optimizer
 from eqx_pi05.train.sharding import batch_sharding, fsdp_shardings, replicated
 from eqx_pi05.train.state import TrainState, ema_update
@@ -41,10 +41,7 @@ class StepConfig:
     optimizer: AdamW
     ema_decay: float | None
     augment: bool
-    lam: float = 0.0
-    anchor_frac: float = 0.0
-    teacher: Teacher | None = None
-    student_slot: str | None = None  # the camera the student loses in the loss (None: no in-loss removal)
+    distill: DistillConfig | None = None  # None: plain BC, no in-loss removal
     fast_compile: bool = False  # XLA backend optimisations off (see TrainConfig.xla_fast_compile)
     # p < 1: group the student's rows by camera set where exact and cheaper (the loss has the live
     # both-camera forward); False masks the camera per row everywhere (the reference formulation).
@@ -52,12 +49,8 @@ class StepConfig:
 
     @staticmethod
     def of(cfg: TrainConfig) -> StepConfig:
-        base = StepConfig(lr=cfg.lr, optimizer=cfg.optimizer, ema_decay=cfg.ema_decay, augment=cfg.augment,
-                          fast_compile=cfg.xla_fast_compile)
-        d = cfg.distill
-        if d is None:
-            return base
-        return dataclasses.replace(base, lam=d.lam, anchor_frac=d.anchor_frac, teacher=d.teacher, student_slot=d.slot)
+        return StepConfig(lr=cfg.lr, optimizer=cfg.optimizer, ema_decay=cfg.ema_decay, augment=cfg.augment,
+                          distill=cfg.distill, fast_compile=cfg.xla_fast_compile)
 
 
 def loss_and_grads(
@@ -71,36 +64,37 @@ def loss_and_grads(
     """(loss, {bc, distill, anchor}, grads w.r.t. `state.params`) of the step's batch.
 
     `batch`: the pipeline's dict (uint8 images; an absent slot is a removed camera). `p`: probability
-    that a sample's student loses `cfg.student_slot` (`drop_student`: all of them, compacted).
+    that a sample's student loses its camera (`drop_student`: all of them, compacted).
     `teacher`: the frozen checkpoint teacher (mode `checkpoint`), else None."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    k_augment, k_noise, k_student = jax.random.split(key, 3)
+    k_augment, k_noise, k_student = step_keys(state)
     obs = Observation.from_batch(batch)
     if cfg.augment:
         obs = augment(k_augment, obs)
     actions = jnp.asarray(batch["actions"], jnp.float32)
     noise, t = sample_noise_and_time(k_noise, actions.shape)
-    if cfg.teacher == "ema":
+    d = cfg.distill
+    lam, anchor_frac = (0.0, 0.0) if d is None else (d.lam, d.anchor_frac)
+    if d is not None and d.teacher == "ema":
         teacher = state.ema_model()
-    elif cfg.teacher != "checkpoint":
+    elif d is None or d.teacher != "checkpoint":
         teacher = None  # self: the live model's both-camera forward
-    rows = None
-    if cfg.student_slot is None:
-        student = obs
-    elif drop_student:
-        student = drop_camera(obs, cfg.student_slot)
-    elif cfg.group_student and has_live_forward(cfg.lam, cfg.anchor_frac, teacher):
-        student, rows = drop_camera(obs, cfg.student_slot), removed_rows(k_student, p, actions.shape[0])
-    else:
-        student = remove_camera(obs, cfg.student_slot, p, k_student)
+    group = cfg.group_student and has_live_forward(lam, anchor_frac, teacher)
+    student, rows = select_student(obs, None if d is None else d.slot, p, k_student, drop=drop_student, group=group)
 
     def loss_fn(params):
         model = eqx.combine(params, state.frozen)
-        return distill_loss(model, obs, student, actions, noise, t, lam=cfg.lam, anchor_frac=cfg.anchor_frac, teacher=teacher,
-                            student_rows=rows)
+        return train_loss(model, obs, student, actions, noise, t, lam=lam, anchor_frac=anchor_frac, teacher=teacher,
+                          student_rows=rows)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return loss, terms, grads
+
+
+def step_keys(state: TrainState) -> tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray]:
+    """The step's (augmentation, noise and time, student rows) keys: the run's key folded with the step."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    k_augment, k_noise, k_student = jax.random.split(key, 3)
+    return k_augment, k_noise, k_student
 
 
 def train_step(

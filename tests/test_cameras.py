@@ -5,7 +5,7 @@ import pytest
 import tyro
 
 from eqx_pi05.data.config import DataConfig
-from eqx_pi05.views import (
+from eqx_pi05.cameras import (
     CameraProbs,
     ViewDropoutConfig,
     ViewRemoveConfig,
