@@ -1,9 +1,9 @@
 """Imports point down only, read from the source (every import statement, function-level ones too):
 
     entry points (train.py, evaluate.py)
-      → train / eval / serve / parity / plot
+      → train / eval / serve (preflight: their start-up check; parity, plot: tools)
         → model / loss / augment / data / convert / checkpoints
-          → nn / cameras / masks / config
+          → nn / cameras / masks / prompt / config (and logs)
 
 and the package graph (eqx_pi05.<first component>) has no cycle."""
 
@@ -13,9 +13,9 @@ import pathlib
 from conftest import REPO
 
 LAYERS = {
-    0: ("config", "cameras", "masks", "nn"),
+    0: ("config", "cameras", "masks", "prompt", "nn", "logs"),
     1: ("model", "loss", "augment", "data", "convert", "checkpoints"),
-    2: ("train", "eval", "serve", "parity", "plot"),
+    2: ("train", "eval", "serve", "parity", "plot", "preflight"),
 }
 # Packages of one layer that must not import each other either (serve is built on the eval policy).
 SIDEWAYS = {("train", "eval"), ("train", "serve"), ("eval", "train"), ("eval", "serve")}

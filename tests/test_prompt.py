@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import random_batch, random_model, small_config
 
+from eqx_pi05.loss import bc_per_sample
 from eqx_pi05.model import Observation, Pi05, sample_actions
 from eqx_pi05.parity import case_names, observation
 from eqx_pi05.prompt import PROMPT_BUCKETS, prompt_bucket, prompt_length, trim_prompt
@@ -23,7 +24,7 @@ def _trim_obs(obs: Observation, buckets) -> Observation:
 
 
 def _mean_loss(model, obs, actions, noise, t):
-    return jnp.mean(model.loss(obs, actions, noise, t))
+    return jnp.mean(bc_per_sample(model, obs, actions, noise, t))
 
 
 def _assert_same_function(model, full: Observation, trimmed: Observation, actions, noise, t):
