@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from eqx_pi05 import preflight
 from eqx_pi05.logs import setup_logging
-from eqx_pi05.train.config import SUMMARIES, VARIANTS, TrainConfig, closed_loop, demo
+from eqx_pi05.variants import SUMMARIES, VARIANTS, TrainConfig, closed_loop, demo
 
 DEMO_DATA = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "eqx_pi05" / "demo_dataset"
 

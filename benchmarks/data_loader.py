@@ -22,7 +22,7 @@ import numpy as np
 import tyro
 
 from eqx_pi05.data import images, norm_stats
-from eqx_pi05.data.config import DataConfig
+from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.data.lerobot import IMAGE_FEATURES, LeRobotSource
 from eqx_pi05.data.make_demo_dataset import make_demo_dataset
 from eqx_pi05.data.pipeline import make_data_loader

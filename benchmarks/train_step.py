@@ -43,7 +43,7 @@ from eqx_pi05.cameras import SLOTS  # noqa: E402
 from eqx_pi05.config import pi05_full, pi05_tiny  # noqa: E402
 from eqx_pi05.convert.openpi import abstract_model  # noqa: E402
 from eqx_pi05.model import Pi05  # noqa: E402
-from eqx_pi05.train.config import VARIANTS, demo_model  # noqa: E402
+from eqx_pi05.variants import VARIANTS, demo_model  # noqa: E402
 from eqx_pi05.train.optimizer import make_optimizer  # noqa: E402
 from eqx_pi05.train.sharding import global_batch, make_mesh  # noqa: E402
 from eqx_pi05.train.state import TrainState, init_state, split_model  # noqa: E402

@@ -48,8 +48,8 @@ from eqx_pi05.data import norm_stats
 from eqx_pi05.data.norm_stats import NormStats
 from eqx_pi05.data.transforms import LIBERO_ACTION_DIM
 from eqx_pi05.model import Pi05
-from eqx_pi05.train.config import TrainConfig, from_json, to_json
 from eqx_pi05.trainable import trainable_filter
+from eqx_pi05.variants import TrainConfig, from_json, to_json
 
 log = logging.getLogger(__name__)
 

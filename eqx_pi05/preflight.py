@@ -21,8 +21,8 @@ import pathlib
 import sys
 
 from eqx_pi05.data import hub
-from eqx_pi05.data.config import DataConfig
-from eqx_pi05.train.config import TrainConfig
+from eqx_pi05.data.data_config import DataConfig
+from eqx_pi05.variants import TrainConfig
 
 LIBERO_DATASET = "physical-intelligence/libero"
 TOKENIZER_URL = "gs://big_vision/paligemma_tokenizer.model"

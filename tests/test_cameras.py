@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tyro
 
-from eqx_pi05.data.config import DataConfig
+from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.cameras import (
     CameraProbs,
     ViewDropoutConfig,

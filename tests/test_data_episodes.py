@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from eqx_pi05.data import norm_stats
-from eqx_pi05.data.config import DataConfig
+from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.data.episodes import LIBERO_SUITES, selected_tasks
 from eqx_pi05.data.lerobot import LeRobotSource
 from eqx_pi05.data.lerobot_write import Episode, write_dataset
 from eqx_pi05.data.make_demo_dataset import EXTRA_TEXT
 from eqx_pi05.data.pipeline import batched_stream, make_data_loader
 from eqx_pi05.data.tokenizer import train_sentencepiece
-from eqx_pi05.train.config import VARIANTS
+from eqx_pi05.variants import VARIANTS
 from eqx_pi05.train.loop import check_resume_config
 
 H = 3

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from eqx_pi05.data.config import DataConfig
+from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.data.make_demo_dataset import make_demo_dataset
 from eqx_pi05.data.pipeline import batched_stream, local_batch_size, make_data_loader
 from eqx_pi05.cameras import CameraProbs, ViewRemoveConfig

@@ -4,7 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from eqx_pi05.data.config import DataConfig
+from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.data.images import decode_image, resize_with_pad, to_uint8_hwc
 from eqx_pi05.data.lerobot_write import encode_png
 from eqx_pi05.data.make_demo_dataset import EXTRA_TEXT, LIBERO_SPATIAL_TASKS

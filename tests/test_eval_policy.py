@@ -32,7 +32,7 @@ from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
 from eqx_pi05.eval.sim import SimObservation
 from eqx_pi05.model import Pi05
 from eqx_pi05 import checkpoints
-from eqx_pi05.train.config import VARIANTS, demo
+from eqx_pi05.variants import VARIANTS, demo
 from eqx_pi05.train.optimizer import make_optimizer
 from eqx_pi05.train.state import init_state
 from eqx_pi05.cameras import CameraProbs

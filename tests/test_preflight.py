@@ -14,7 +14,7 @@ from conftest import REPO
 
 from eqx_pi05 import preflight
 from eqx_pi05.data import hub
-from eqx_pi05.train.config import VARIANTS, demo, to_json
+from eqx_pi05.variants import VARIANTS, demo, to_json
 
 B5 = VARIANTS["curric_selfdistill"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from eqx_pi05.cameras import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
 from eqx_pi05.loss import curriculum_p
-from eqx_pi05.train.config import VARIANTS, DistillConfig, demo, from_json, to_json
+from eqx_pi05.variants import VARIANTS, DistillConfig, demo, from_json, to_json
 from eqx_pi05.train.metrics import MetricsLog, read
 from eqx_pi05.train.optimizer import lr_schedule
 

@@ -16,7 +16,7 @@ from conftest import random_batch, random_model, small_config
 from eqx_pi05.cameras import compact, drop, mask
 from eqx_pi05.loss import bc_per_sample, removed_rows, train_loss
 from eqx_pi05.model import Observation, Pi05, sample_noise_and_time
-from eqx_pi05.train.config import VARIANTS
+from eqx_pi05.variants import VARIANTS
 from eqx_pi05.train.optimizer import make_optimizer
 from eqx_pi05.train.state import init_state
 from eqx_pi05.train.step import FAST_COMPILE, StepConfig, loss_and_grads, step_keys

@@ -21,7 +21,7 @@ from conftest import random_model, small_run as small
 
 from eqx_pi05.convert import openpi
 from eqx_pi05 import checkpoints
-from eqx_pi05.train.config import VARIANTS
+from eqx_pi05.variants import VARIANTS
 from eqx_pi05.train.loop import initial_state, train
 from eqx_pi05.train.metrics import read
 from eqx_pi05.train.sharding import make_mesh

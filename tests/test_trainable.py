@@ -13,7 +13,7 @@ import pytest
 from eqx_pi05.config import GEMMA_2B_LORA, GEMMA_300M_LORA, pi05_full
 from eqx_pi05.convert.openpi import abstract_model, leaf_map
 from eqx_pi05.model import count_params
-from eqx_pi05.train.config import VARIANTS
+from eqx_pi05.variants import VARIANTS
 from eqx_pi05.trainable import PARTS, param_counts, trainable_filter
 
 FULL = 3_353_433_872  # pi05_full, no LoRA

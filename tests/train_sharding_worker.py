@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from conftest import random_batch, random_model, small_config  # noqa: E402
 
 from eqx_pi05.cameras import compact  # noqa: E402
-from eqx_pi05.train.config import VARIANTS  # noqa: E402
+from eqx_pi05.variants import VARIANTS  # noqa: E402
 from eqx_pi05.train.optimizer import make_optimizer  # noqa: E402
 from eqx_pi05.train.sharding import batch_sharding, fsdp_shardings, global_batch, initialize, make_mesh, replicated  # noqa: E402
 from eqx_pi05.train.state import init_state  # noqa: E402

@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from eqx_pi05.data import norm_stats as _norm_stats
-from eqx_pi05.data.config import DataConfig
+from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.data.lerobot import LeRobotSource
 from eqx_pi05.data.tokenizer import Tokenizer
 from eqx_pi05.data.transforms import make_transforms

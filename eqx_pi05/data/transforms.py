@@ -22,7 +22,7 @@ import numpy as np
 from jaxtyping import Float
 
 from eqx_pi05.data import images as _images
-from eqx_pi05.data.config import DataConfig
+from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.data.norm_stats import NormStats, quantile_normalize, quantile_unnormalize
 from eqx_pi05.data.tokenizer import Tokenizer
 from eqx_pi05.cameras import CAMERAS, PADDING_SLOT, CameraProbs, apply_view_dropout, apply_view_remove

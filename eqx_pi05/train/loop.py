@@ -21,7 +21,7 @@ from eqx_pi05 import cameras, checkpoints, lock
 from eqx_pi05.data.pipeline import make_data_loader
 from eqx_pi05.model import Pi05
 from eqx_pi05.prompt import prompt_length, trim_prompt
-from eqx_pi05.train.config import TrainConfig, to_json
+from eqx_pi05.variants import TrainConfig, to_json
 from eqx_pi05.train.metrics import MetricsLog
 from eqx_pi05.train.optimizer import make_optimizer
 from eqx_pi05.train.sharding import fsdp_shardings, global_batch, initialize, make_mesh

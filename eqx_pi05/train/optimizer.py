@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from eqx_pi05.train.config import AdamW, LRSchedule
+from eqx_pi05.variants import AdamW, LRSchedule
 
 
 def lr_schedule(cfg: LRSchedule) -> optax.Schedule:

@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from eqx_pi05.augment import augment
 from eqx_pi05.loss import DistillConfig, has_live_forward, select_student, train_loss
 from eqx_pi05.model import Observation, Pi05, sample_noise_and_time
-from eqx_pi05.train.config import AdamW, LRSchedule, TrainConfig
+from eqx_pi05.variants import AdamW, LRSchedule, TrainConfig
 from eqx_pi05.train.optimizer import lr_schedule, make_optimizer
 from eqx_pi05.train.sharding import batch_sharding, fsdp_shardings, replicated
 from eqx_pi05.train.state import TrainState, ema_update

@@ -28,7 +28,7 @@ from eqx_pi05.config import (
     pi05_full,
     pi05_tiny,
 )
-from eqx_pi05.data.config import DataConfig
+from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.cameras import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
 from eqx_pi05.loss import DistillConfig, Teacher
 
