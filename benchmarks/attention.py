@@ -23,19 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from eqx_pi05.masks import make_attn_mask, make_positions
-from eqx_pi05.nn.gemma import BIG_NEG, apply_rope
+from eqx_pi05.nn.attention import attention
+from eqx_pi05.nn.gemma import apply_rope
 
 HEADS, KV_HEADS, HEAD_DIM, CAM_TOKENS, ACTIONS = 8, 1, 256, 256, 10
 
 
 def einsum_attention(q, k, v, mask):
-    """openpi's kernel: grouped einsum, f32 logits, where(mask), f32 softmax, cast back."""
-    b, t, n, h = q.shape
-    q = q.reshape(b, t, KV_HEADS, n // KV_HEADS, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None], logits, BIG_NEG)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+    """openpi's kernel (our `nn.attention`): grouped einsum, f32 logits, where(mask), f32 softmax, cast back."""
+    return attention(q, k, v, mask, logits_dtype=jnp.float32)
 
 
 def xla_attention(q, k, v, mask):

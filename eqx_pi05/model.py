@@ -181,19 +181,6 @@ def sample_actions(
     return x0
 
 
-def sample_actions_uncached(
-    model: Pi05, obs: Observation, noise: Float[Array, "b h a"], num_steps: int = 10
-) -> Float[Array, "b h a"]:
-    """The same integration recomputing the whole sequence every step (reference for the cache)."""
-    dt = -1.0 / num_steps
-    x, t = noise, jnp.float32(1.0)
-    velocity = eqx.filter_jit(Pi05.velocity)
-    for _ in range(num_steps):
-        x = x + dt * velocity(model, obs, x, jnp.broadcast_to(t, (noise.shape[0],)))
-        t = t + dt
-    return x
-
-
 def count_params(model) -> int:
     """Number of parameters; works on abstract (eval_shape) models too."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(model) if hasattr(x, "shape")))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eqx_pi05.eval.batched import Settings, plan_chunks, run_chunks
-from eqx_pi05.eval.fake_sim import FakeEnv, fake_tasks, homing_policy
+from fake_sim import FakeEnv, fake_tasks, homing_policy
 
 TASKS = fake_tasks(3)
 SETTINGS = Settings(max_steps=25)  # the far starts time out: a mix of successes and failures

@@ -24,7 +24,7 @@ from eqx_pi05.data import norm_stats
 from eqx_pi05.data.tokenizer import Tokenizer, train_sentencepiece
 from eqx_pi05.data.transforms import make_transforms
 from eqx_pi05.eval.audit import RemovalAuditError, audit_removal
-from eqx_pi05.eval.fake_sim import fake_tasks
+from fake_sim import fake_tasks
 from eqx_pi05.eval.policy import load_policy, make_policy
 from eqx_pi05.eval import results
 from eqx_pi05.eval.rollout import policy_observation

@@ -11,7 +11,7 @@ import pytest
 
 from eqx_pi05.eval import report, results
 from eqx_pi05.eval.audit import RemovalAuditError
-from eqx_pi05.eval.fake_sim import FakeEnv, fake_tasks, homing_policy
+from fake_sim import FakeEnv, fake_tasks, homing_policy
 from eqx_pi05.eval.rollout import noise_seed
 from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
 

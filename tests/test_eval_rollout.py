@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from eqx_pi05.eval import rollout, sim
-from eqx_pi05.eval.fake_sim import FakeEnv, fake_tasks
+from fake_sim import FakeEnv, fake_tasks
 
 TASK = fake_tasks(1)[0]
 

@@ -11,11 +11,23 @@ import pytest
 from conftest import random_batch, random_model, small_config
 
 from eqx_pi05.config import GEMMA_DUMMY_LORA, pi05_full
-from eqx_pi05.model import Observation, Pi05, count_params, sample_actions, sample_actions_uncached
+from eqx_pi05.loss import bc_per_sample
+from eqx_pi05.model import Observation, Pi05, count_params, sample_actions
 from eqx_pi05.trainable import part_of, trainable_filter
 
 velocity = eqx.filter_jit(Pi05.velocity)
 loss_fn = eqx.filter_jit(bc_per_sample)
+
+
+def sample_actions_uncached(model: Pi05, obs: Observation, noise: jax.Array, num_steps: int = 10) -> jax.Array:
+    """The same integration as `sample_actions`, recomputing the whole sequence every step (the
+    reference for the KV cache)."""
+    dt = -1.0 / num_steps
+    x, t = noise, jnp.float32(1.0)
+    for _ in range(num_steps):
+        x = x + dt * velocity(model, obs, x, jnp.broadcast_to(t, (noise.shape[0],)))
+        t = t + dt
+    return x
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ Policy = Callable[[list[dict]], Float[np.ndarray, "n horizon 7"]]
 
 @runtime_checkable
 class Env(Protocol):
-    """What the rollout needs from a simulator (sim.LiberoEnv, or fake_sim.FakeEnv in tests)."""
+    """What the rollout needs from a simulator (sim.LiberoEnv, or tests/fake_sim.FakeEnv)."""
 
     num_trials: int  # fixed initial states of the task; reset(trial) takes 0 <= trial < num_trials
 

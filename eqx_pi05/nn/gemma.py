@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from eqx_pi05.config import GemmaConfig
+from eqx_pi05.nn.attention import attention
 from eqx_pi05.nn.linear import Dense
 from eqx_pi05.nn.lora import Einsum
-
-BIG_NEG = -2.3819763e38  # openpi / gemma's mask fill: finite, so a fully masked row gives a uniform softmax
+from eqx_pi05.nn.stacked import fold, stack
 
 KVCache = tuple[Float[Array, "l b c k hd"], Float[Array, "l b c k hd"]]
 
@@ -134,13 +134,7 @@ def joint_attention(
     if kv_cache is not None:
         k = jnp.concatenate([kv_cache[0], k], axis=1)
         v = jnp.concatenate([kv_cache[1], v], axis=1)
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    q = q.reshape(b, t, kh, n // kh, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None, :, :], logits, BIG_NEG)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    enc = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+    enc = attention(q, k, v, mask, logits_dtype=jnp.float32)
     outs, start = [], 0
     for attn, x in zip(attns, xs):
         if x is None:
@@ -207,9 +201,10 @@ class JointTransformer(eqx.Module):
     ):
         ke, k0, k1, kf = jax.random.split(key, 4)
         self.embedder = Embedder(vocab, llm.width, key=ke)
-        l0 = eqx.filter_vmap(lambda k: ExpertLayer(llm, False, key=k))(jax.random.split(k0, llm.depth))
-        l1 = eqx.filter_vmap(lambda k: ExpertLayer(expert, True, key=k))(jax.random.split(k1, expert.depth))
-        self.layers = (l0, l1)
+        self.layers = (
+            stack(lambda k: ExpertLayer(llm, False, key=k), k0, llm.depth),
+            stack(lambda k: ExpertLayer(expert, True, key=k), k1, expert.depth),
+        )
         self.final_norm = RMSNorm(llm.width)
         self.final_norm_1 = AdaRMSNorm(expert.width, expert.width, key=kf)
         self.remat = remat
@@ -227,16 +222,8 @@ class JointTransformer(eqx.Module):
         conds = (None, adarms_cond)
         if xs[1] is not None and adarms_cond is None:
             raise ValueError("the action expert needs adarms_cond (the time condition)")
-        params, static = eqx.partition(self.layers, eqx.is_array)
-
-        def body(carry, layer_in):
-            layer_params, cache = layer_in
-            layers = eqx.combine(layer_params, static)
-            return joint_block(layers, carry, positions, mask, conds, cache)
-
-        if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-        out, kv = jax.lax.scan(body, tuple(xs), (params, kv_cache), unroll=self.unroll)
+        body = lambda layers, carry, cache: joint_block(layers, carry, positions, mask, conds, cache)  # noqa: E731
+        out, kv = fold(body, self.layers, tuple(xs), kv_cache, remat=self.remat, unroll=self.unroll)
         final = (
             None if out[0] is None else self.final_norm(out[0])[0],
             None if out[1] is None else self.final_norm_1(out[1], adarms_cond)[0],

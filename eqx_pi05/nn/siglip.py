@@ -11,7 +11,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from eqx_pi05.config import SiglipConfig
+from eqx_pi05.nn.attention import attention
 from eqx_pi05.nn.linear import Dense
+from eqx_pi05.nn.stacked import fold, stack
 
 
 class LayerNorm(eqx.Module):
@@ -62,9 +64,7 @@ class MultiHeadAttention(eqx.Module):
         k = jnp.einsum("btd,dnh->btnh", x, self.key_kernel.astype(dt)) + self.key_bias.astype(dt)
         v = jnp.einsum("btd,dnh->btnh", x, self.value_kernel.astype(dt)) + self.value_bias.astype(dt)
         q = q / jnp.sqrt(q.shape[-1]).astype(dt)
-        logits = jnp.einsum("bqnh,bknh->bnqk", q, k)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)  # compute dtype, as flax (no forced f32)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+        out = attention(q, k, v)  # logits and softmax in the compute dtype, as flax (no forced f32)
         return jnp.einsum("bqnh,nhd->bqd", out, self.out_kernel.astype(dt)) + self.out_bias.astype(dt)
 
 
@@ -111,7 +111,7 @@ class Siglip(eqx.Module):
         )
         self.patch_bias = jnp.zeros((d,), jnp.float32)
         self.pos_embedding = jax.random.normal(kpos, (1, cfg.num_patches, d), jnp.float32) / jnp.sqrt(d)
-        self.blocks = eqx.filter_vmap(lambda k: EncoderBlock(cfg, key=k))(jax.random.split(kb, cfg.depth))
+        self.blocks = stack(lambda k: EncoderBlock(cfg, key=k), kb, cfg.depth)
         self.encoder_norm = LayerNorm(d)
         self.head = Dense(d, out_width, key=kp, zero_init=True)  # big_vision head_zeroinit
         self.config = cfg
@@ -134,12 +134,5 @@ class Siglip(eqx.Module):
 
     def __call__(self, image: Float[Array, "b h w 3"], dtype=jnp.float32) -> Float[Array, "b n o"]:
         x = self.embed_patches(image).astype(dtype)
-        params, static = eqx.partition(self.blocks, eqx.is_array)
-
-        def body(x, block_params):
-            return eqx.combine(block_params, static)(x), None
-
-        if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, params, unroll=self.unroll)
+        x, _ = fold(lambda block, x, _: (block(x), None), self.blocks, x, remat=self.remat, unroll=self.unroll)
         return self.head(self.encoder_norm(x), dtype=dtype)

@@ -118,13 +118,9 @@ def train_step(
         ema=None if state.ema is None else ema_update(state.ema, params, cfg.ema_decay),
         rng=state.rng,
     )
-    metrics = dict(loss=loss, **terms, p=jnp.asarray(p, jnp.float32), grad_norm=_global_norm(grads),
+    metrics = dict(loss=loss, **terms, p=jnp.asarray(p, jnp.float32), grad_norm=optax.tree.norm(grads),
                    lr=jnp.asarray(lr_schedule(cfg.lr)(state.step), jnp.float32))
     return new, metrics
-
-
-def _global_norm(tree: PyTree) -> Float[Array, ""]:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def make_train_step(cfg: StepConfig, mesh: Mesh, abstract_state: TrainState, min_bytes: int, abstract_teacher: Pi05 | None = None):

@@ -1,6 +1,6 @@
 """Simulator throughput on this machine: env creation, seconds per step, episodes/hour.
 
-    python -m eqx_pi05.eval.bench [--episodes 4] [--num-envs 1 2] [--max-steps 220] [--render both wrist]
+    python benchmarks/simulator.py [--episodes 4] [--num-envs 1 2] [--max-steps 220] [--render both wrist]
 
 A stub policy that holds the arm still (never succeeds) keeps every episode at full length, so the
 figures are the simulator's cost of a worst-case episode, without the model. `--render both` is a
@@ -14,11 +14,14 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
 import numpy as np
 import tyro
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 from eqx_pi05.eval import sim
 from eqx_pi05.eval.rollout import SETTLE_ACTION
@@ -65,7 +68,7 @@ def time_policy(batch_sizes: tuple[int, ...], calls: int = 5) -> dict:
     from eqx_pi05.data.norm_stats import NormStats  # noqa: PLC0415
     from eqx_pi05.data.tokenizer import Tokenizer, train_sentencepiece  # noqa: PLC0415
     from eqx_pi05.data.transforms import Transforms  # noqa: PLC0415
-    from eqx_pi05.eval.fake_sim import FakeEnv, fake_tasks  # noqa: PLC0415
+    from fake_sim import FakeEnv, fake_tasks  # noqa: PLC0415 - tests/fake_sim.py
     from eqx_pi05.eval.policy import make_policy  # noqa: PLC0415
     from eqx_pi05.eval.rollout import policy_observation  # noqa: PLC0415
     from eqx_pi05.model import Pi05  # noqa: PLC0415
