@@ -30,7 +30,7 @@ from eqx_pi05.config import (
 )
 from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.cameras import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
-from eqx_pi05.loss import DistillConfig, Teacher
+from eqx_pi05.loss import DistillConfig
 
 def _check_ranges(prefix: str, cfg, **bounds: tuple) -> None:
     """bounds: field=(low, low allowed) or (low, low allowed, high exclusive); NaN fails every test."""
