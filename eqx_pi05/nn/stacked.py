@@ -14,7 +14,7 @@ import equinox as eqx
 import jax
 from jaxtyping import PRNGKeyArray, PyTree
 
-Layer = TypeVar("Layer", bound=eqx.Module)
+Layer = TypeVar("Layer")  # one module, or a tuple of them (the two Gemma experts)
 
 
 def stack(make: Callable[[PRNGKeyArray], Layer], key: PRNGKeyArray, depth: int) -> Layer:
