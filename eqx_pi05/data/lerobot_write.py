@@ -122,21 +122,7 @@ def write_dataset(
     if not lengths:
         raise ValueError("write_dataset: no episodes given")
 
-    info = {
-        "codebase_version": version,
-        "robot_type": "panda",
-        "total_episodes": len(lengths),
-        "total_frames": frames,
-        "total_tasks": len(tasks),
-        "total_videos": 0,
-        "chunks_size": CHUNKS_SIZE,
-        "fps": fps,
-        "splits": {"train": f"0:{len(lengths)}"},
-        "data_path": V3_DATA_PATH if version == "v3.0" else V2_DATA_PATH,
-        "video_path": V3_VIDEO_PATH if version == "v3.0" else None,
-        "features": features(tuple(shapes[0]), shapes[1], shapes[2]),
-        **(extra_info or {}),
-    }
+    info = _info(version, len(lengths), frames, len(tasks), fps, shapes, extra_info)
     if version == "v3.0":
         _write_v3_meta(root, v3_tables, lengths, used_tasks, tasks, row_group_size)
     else:
@@ -150,6 +136,25 @@ def write_dataset(
             _write_jsonl(root / "meta" / "episodes_stats.jsonl", stats_rows)
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
     return root
+
+
+def _info(version: str, episodes: int, frames: int, tasks: int, fps: float, shapes: tuple, extra_info: dict | None) -> dict:
+    """meta/info.json (v2.x adds total_chunks once the episodes are written)."""
+    return {
+        "codebase_version": version,
+        "robot_type": "panda",
+        "total_episodes": episodes,
+        "total_frames": frames,
+        "total_tasks": tasks,
+        "total_videos": 0,
+        "chunks_size": CHUNKS_SIZE,
+        "fps": fps,
+        "splits": {"train": f"0:{episodes}"},
+        "data_path": V3_DATA_PATH if version == "v3.0" else V2_DATA_PATH,
+        "video_path": V3_VIDEO_PATH if version == "v3.0" else None,
+        "features": features(tuple(shapes[0]), shapes[1], shapes[2]),
+        **(extra_info or {}),
+    }
 
 
 def _write_v3_meta(root, tables, lengths, used_tasks, tasks, row_group_size) -> None:
