@@ -26,7 +26,6 @@ import numpy as np
 from eqx_pi05.eval.rollout import REPLAN_STEPS, Env, EpisodeResult, Policy, drive, episode
 from eqx_pi05.eval.sim import Task
 from eqx_pi05.eval.video import EpisodeVideo
-from eqx_pi05.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +82,7 @@ def _run_chunk(
         env.close()
 
 
-def _worker(conn: mp.connection.Connection, make_env: Callable[[Task], Env], settings: Settings, verbose: bool) -> None:
-    setup_logging(verbose)  # a spawned process starts unconfigured: quiet like its parent (robosuite's import warnings)
-
+def _worker(conn: mp.connection.Connection, make_env: Callable[[Task], Env], settings: Settings) -> None:
     def act(obs: dict) -> np.ndarray:
         conn.send(("request", obs))
         return conn.recv()
@@ -119,74 +116,87 @@ def run_chunks(
         for chunk in chunks:
             _run_chunk(chunk, make_env, lambda obs: _call(policy, [obs])[0], settings, on_result)
         return
-    ctx = mp.get_context("spawn")
-    conns, procs = [], []
-    for i in range(min(num_envs, len(chunks))):
-        parent, child = ctx.Pipe()
-        verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
-        proc = ctx.Process(target=_worker, args=(child, make_env, settings, verbose), name=f"sim-worker-{i}", daemon=True)
-        proc.start()
-        child.close()
-        conns.append(parent)
-        procs.append(proc)
-    pending = collections.deque(chunks)
-    busy: dict[int, Chunk] = {}
-    requests: dict[int, dict] = {}
-
-    def assign(i: int) -> None:
-        if pending:
-            busy[i] = pending.popleft()
-            conns[i].send(busy[i])
-
-    def receive(i: int) -> None:
-        try:
-            kind, payload = conns[i].recv()
-        except EOFError:
-            raise RuntimeError(f"simulator worker {i} died (exit code {procs[i].exitcode}) while running "
-                               f"{busy.get(i)}") from None
-        if kind == "request":
-            requests[i] = payload
-        elif kind == "result":
-            on_result(payload)
-        elif kind == "done":
-            del busy[i]
-            assign(i)
-        else:
-            raise RuntimeError(f"simulator worker {i} failed on {busy.get(i)}:\n{payload}")
-
+    pool = _Pool(chunks, make_env, settings, min(num_envs, len(chunks)), on_result)
     try:
-        for i in range(len(conns)):
-            assign(i)
-        while busy:
-            waiting = [conns[i] for i in busy if i not in requests]
-            deadline = time.monotonic() + gather_s if requests else None
-            while waiting:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready = mp.connection.wait(waiting, timeout)
-                if not ready:
-                    break
-                for conn in ready:
-                    receive(conns.index(conn))
-                if requests and deadline is None:
-                    deadline = time.monotonic() + gather_s
-                waiting = [conns[i] for i in busy if i not in requests]
-            if requests:
-                ids = sorted(requests)
-                actions = _call(policy, [requests[i] for i in ids])
+        for i in range(len(pool.conns)):
+            pool.assign(i)
+        while pool.busy:
+            pool.gather(gather_s)
+            if pool.requests:
+                ids = sorted(pool.requests)
+                actions = _call(policy, [pool.requests[i] for i in ids])
                 for i, chunk_actions in zip(ids, actions):
-                    conns[i].send(chunk_actions)
-                requests.clear()
+                    pool.conns[i].send(chunk_actions)
+                pool.requests.clear()
     except BaseException:
-        for proc in procs:  # a failed run (or Ctrl-C) need not wait for the workers' episodes
+        for proc in pool.procs:  # a failed run (or Ctrl-C) need not wait for the workers' episodes
             proc.terminate()
         raise
     finally:
-        for conn in conns:
+        pool.close()
+
+
+class _Pool:
+    """Simulator worker processes, the chunks still to run, and the policy requests waiting."""
+
+    def __init__(self, chunks, make_env, settings: Settings, workers: int, on_result):
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs, self.on_result = [], [], on_result
+        for i in range(workers):
+            parent, child = ctx.Pipe()
+            verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+            proc = ctx.Process(target=_worker, args=(child, make_env, settings, verbose), name=f"sim-worker-{i}", daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self.pending = collections.deque(chunks)
+        self.busy: dict[int, Chunk] = {}
+        self.requests: dict[int, dict] = {}
+
+    def assign(self, i: int) -> None:
+        if self.pending:
+            self.busy[i] = self.pending.popleft()
+            self.conns[i].send(self.busy[i])
+
+    def receive(self, i: int) -> None:
+        try:
+            kind, payload = self.conns[i].recv()
+        except EOFError:
+            raise RuntimeError(f"simulator worker {i} died (exit code {self.procs[i].exitcode}) while running "
+                               f"{self.busy.get(i)}") from None
+        if kind == "request":
+            self.requests[i] = payload
+        elif kind == "result":
+            self.on_result(payload)
+        elif kind == "done":
+            del self.busy[i]
+            self.assign(i)
+        else:
+            raise RuntimeError(f"simulator worker {i} failed on {self.busy.get(i)}:\n{payload}")
+
+    def gather(self, gather_s: float) -> None:
+        """Receive until every busy worker has a request, or `gather_s` passed since the first one."""
+        waiting = [self.conns[i] for i in self.busy if i not in self.requests]
+        deadline = time.monotonic() + gather_s if self.requests else None
+        while waiting:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = mp.connection.wait(waiting, timeout)
+            if not ready:
+                break
+            for conn in ready:
+                self.receive(self.conns.index(conn))
+            if self.requests and deadline is None:
+                deadline = time.monotonic() + gather_s
+            waiting = [self.conns[i] for i in self.busy if i not in self.requests]
+
+    def close(self) -> None:
+        for conn in self.conns:
             try:
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
-        for proc in procs:
+        for proc in self.procs:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.terminate()
