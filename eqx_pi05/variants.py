@@ -246,21 +246,19 @@ def demo_model(model: Pi05Config) -> Pi05Config:
                      action_horizon=model.action_horizon, freeze_vision=model.freeze_vision)
 
 
+def local_dataset(data: DataConfig, data_dir: pathlib.Path, model: Pi05Config, **changes) -> DataConfig:
+    """`data` read from `data_dir` with the tokenizer.model and norm_stats.json beside it, sized for `model`."""
+    return dataclasses.replace(data, dataset=data_dir, tokenizer=data_dir / "tokenizer.model",
+                               norm_stats=data_dir / "norm_stats.json", max_token_len=model.max_token_len, **changes)
+
+
 def demo(cfg: TrainConfig, data_dir: pathlib.Path) -> TrainConfig:
     """`cfg` on the tiny model (random init) and the demo dataset in `data_dir`, sized to train in a
     minute or two on a laptop CPU: batch 8, 100 steps, a short warm-up to a higher peak LR, EMA 0.95
     (0.999 would average over ten times the run). A rerun into the same directory needs --resume or
     --overwrite: a finished run is never replaced by default."""
     model = demo_model(cfg.model)
-    data = dataclasses.replace(
-        cfg.data,
-        dataset=data_dir,
-        tokenizer=data_dir / "tokenizer.model",
-        norm_stats=data_dir / "norm_stats.json",
-        max_token_len=model.max_token_len,
-        batch_size=8,
-        num_workers=0,
-    )
+    data = local_dataset(cfg.data, data_dir, model, batch_size=8, num_workers=0)
     return dataclasses.replace(
         cfg,
         model=model,
@@ -291,12 +289,10 @@ def closed_loop(cfg: TrainConfig, data_dir: pathlib.Path = CLOSED_LOOP_DATA) -> 
     discrete state tokens: a policy without it cannot tell how high the bowl already is."""
     model = pi05_tiny(paligemma=CLOSED_LOOP_GEMMA, action_expert=CLOSED_LOOP_GEMMA, siglip=CLOSED_LOOP_SIGLIP,
                       max_token_len=96, action_horizon=cfg.model.action_horizon)
-    data = dataclasses.replace(
+    data = local_dataset(
         cfg.data,
-        dataset=data_dir,
-        tokenizer=data_dir / "tokenizer.model",
-        norm_stats=data_dir / "norm_stats.json",
-        max_token_len=model.max_token_len,
+        data_dir,
+        model,
         discrete_state_input=True,
         batch_size=32,
         num_workers=2,
