@@ -118,7 +118,7 @@ def small_run(variant: str, data_dir: pathlib.Path, out: pathlib.Path, **changes
     2 steps logged every step, XLA's fast compile."""
     import dataclasses
 
-    from eqx_pi05.train.config import VARIANTS, demo
+    from eqx_pi05.variants import VARIANTS, demo
 
     cfg = demo(VARIANTS[variant], data_dir)
     depth1 = lambda g: dataclasses.replace(g, depth=1)  # noqa: E731

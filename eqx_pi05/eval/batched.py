@@ -26,6 +26,7 @@ import numpy as np
 from eqx_pi05.eval.rollout import REPLAN_STEPS, Env, EpisodeResult, Policy, drive, episode
 from eqx_pi05.eval.sim import Task
 from eqx_pi05.eval.video import EpisodeVideo
+from eqx_pi05.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ def _run_chunk(
         env.close()
 
 
-def _worker(conn: mp.connection.Connection, make_env: Callable[[Task], Env], settings: Settings) -> None:
+def _worker(conn: mp.connection.Connection, make_env: Callable[[Task], Env], settings: Settings, verbose: bool) -> None:
+    setup_logging(verbose)  # a spawned process starts unconfigured: quiet like its parent (robosuite's import warnings)
+
     def act(obs: dict) -> np.ndarray:
         conn.send(("request", obs))
         return conn.recv()
