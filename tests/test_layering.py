@@ -3,7 +3,7 @@
     entry points (train.py, evaluate.py)
       → train / eval / serve (preflight: their start-up check; parity, plot: tools)
         → model / loss / augment / data / convert / checkpoints / variants (TrainConfig)
-          → nn / cameras / masks / prompt / config (and logs)
+          → nn / cameras / masks / prompt / config (and logs, lock)
 
 and the package graph (eqx_pi05.<first component>) has no cycle."""
 
@@ -13,7 +13,7 @@ import pathlib
 from conftest import REPO
 
 LAYERS = {
-    0: ("config", "cameras", "masks", "prompt", "nn", "logs"),
+    0: ("config", "cameras", "masks", "prompt", "nn", "logs", "lock"),
     1: ("model", "loss", "augment", "trainable", "data", "convert", "checkpoints", "variants"),
     2: ("train", "eval", "serve", "parity", "plot", "preflight"),
 }
