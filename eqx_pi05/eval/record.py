@@ -237,61 +237,67 @@ def record(
     if max_attempts < episodes_per_task:
         raise ValueError(f"--max-attempts-per-task {max_attempts} < --episodes-per-task {episodes_per_task}")
     out_dir = pathlib.Path(out_dir)
-    done = prepare(out_dir, config, resume)
-    state = plan(config, done)
-    paths = _paths(out_dir)
-
-    def wanted(t: int, in_flight: int) -> bool:
-        s = state[t]
-        return s["successes"] + in_flight < episodes_per_task and s["attempts"] + in_flight < max_attempts
-
-    target = episodes_per_task * len(config.tasks)
-    bar = tqdm(total=target, initial=sum(min(s["successes"], episodes_per_task) for s in state.values()),
-               desc="recording (successful episodes)", unit="ep", dynamic_ncols=True)
-    context = multiprocessing.get_context("spawn")  # MuJoCo/EGL state must not be forked
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool, paths["log"].open("a") as log:
-        futures: dict = {}
-
-        def submit() -> bool:
-            for t in config.tasks:
-                flying = sum(1 for ft, _ in futures.values() if ft == t)
-                if wanted(t, flying):
-                    a = state[t]["next"]
-                    state[t]["next"] += 1
-                    futures[pool.submit(run_attempt, t, attempt_seed(config.seed, t, a), config.max_frames)] = (t, a)
-                    return True
-            return False
-
-        while len(futures) < workers and submit():
-            pass
-        while futures:
-            finished, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in finished:
-                t, a = futures.pop(future)
-                episode, success, seconds = future.result()  # a simulator error stops the run (resumable)
-                kept = success or config.keep_failures
-                if kept:
-                    _save_episode(_episode_file(out_dir, t, a), episode)
-                row = {"task": t, "attempt": a, "seed": attempt_seed(config.seed, t, a), "success": bool(success),
-                       "frames": len(episode), "kept": kept, "seconds": round(seconds, 2)}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
-                state[t]["attempts"] += 1
-                state[t]["successes"] += int(success)
-                if success and state[t]["successes"] <= episodes_per_task:
-                    bar.update(1)
-                bar.set_postfix(attempts=sum(s["attempts"] for s in state.values()),
-                                failed=sum(s["attempts"] - s["successes"] for s in state.values()), last_s=f"{seconds:.0f}")
-            while len(futures) < workers and submit():
-                pass
-    bar.close()
+    state = plan(config, prepare(out_dir, config, resume))
+    _run_attempts(out_dir, config, state, episodes_per_task, max_attempts, workers)
     short = {t: s for t, s in state.items() if s["successes"] < episodes_per_task}
     if short:
         print("attempt cap reached before the target: " +
               ", ".join(f"task {t} {s['successes']}/{episodes_per_task} in {s['attempts']} attempts" for t, s in short.items()))
     assemble(out_dir, config, episodes_per_task)
     return state
+
+
+def _run_attempts(out_dir: pathlib.Path, config: RecordConfig, state: dict[int, dict], episodes_per_task: int,
+                  max_attempts: int, workers: int) -> None:
+    """Keep `workers` attempts in flight until each task has its successes or its cap; log each as it ends."""
+
+    def next_attempt(futures: dict) -> tuple[int, int] | None:
+        for t in config.tasks:
+            flying = sum(1 for ft, _ in futures.values() if ft == t)
+            s = state[t]
+            if s["successes"] + flying < episodes_per_task and s["attempts"] + flying < max_attempts:
+                s["next"] += 1
+                return t, s["next"] - 1
+        return None
+
+    bar = tqdm(total=episodes_per_task * len(config.tasks), desc="recording (successful episodes)", unit="ep",
+               initial=sum(min(s["successes"], episodes_per_task) for s in state.values()), dynamic_ncols=True)
+    context = multiprocessing.get_context("spawn")  # MuJoCo/EGL state must not be forked
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool, _paths(out_dir)["log"].open("a") as log:
+        futures: dict = {}
+
+        def fill() -> None:
+            while len(futures) < workers and (ta := next_attempt(futures)) is not None:
+                futures[pool.submit(run_attempt, ta[0], attempt_seed(config.seed, *ta), config.max_frames)] = ta
+
+        fill()
+        while futures:
+            finished, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                t, a = futures.pop(future)
+                episode, success, seconds = future.result()  # a simulator error stops the run (resumable)
+                _log_attempt(out_dir, log, config, t, a, episode, success, seconds)
+                state[t]["attempts"] += 1
+                state[t]["successes"] += int(success)
+                if success and state[t]["successes"] <= episodes_per_task:
+                    bar.update(1)
+                bar.set_postfix(attempts=sum(s["attempts"] for s in state.values()),
+                                failed=sum(s["attempts"] - s["successes"] for s in state.values()), last_s=f"{seconds:.0f}")
+            fill()
+    bar.close()
+
+
+def _log_attempt(out_dir, log, config: RecordConfig, task: int, attempt: int, episode: Episode, success: bool,
+                 seconds: float) -> None:
+    """The episode file first (if kept), then its line: a kill between the two reruns the attempt."""
+    kept = success or config.keep_failures
+    if kept:
+        _save_episode(_episode_file(out_dir, task, attempt), episode)
+    row = {"task": task, "attempt": attempt, "seed": attempt_seed(config.seed, task, attempt), "success": bool(success),
+           "frames": len(episode), "kept": kept, "seconds": round(seconds, 2)}
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    os.fsync(log.fileno())
 
 
 def assemble(out_dir: pathlib.Path, config: RecordConfig, episodes_per_task: int) -> pathlib.Path:
