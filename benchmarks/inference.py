@@ -1,10 +1,11 @@
 """Inference: masked vs compacted camera slots, for the both-cam and wrist-only variants.
 
-    python benchmarks/inference.py [--runs 10] [--skip-full]
+    python benchmarks/inference.py [--runs 10] [--prompt-lens 32 200] [--skip-full] [--skip-tiny]
 
 (a) wall time of `sample_actions` (10 Euler steps, KV cache) with the tiny config on this machine;
-(b) the full-size π0.5 (bf16, prompt 200, horizon 10) lowered with abstract shapes, nothing
-allocated: XLA FLOPs (loop-corrected, see common.corrected_flops) and memory analysis, batch 1.
+(b) the full-size π0.5 (bf16, horizon 10) lowered with abstract shapes, nothing allocated: XLA FLOPs
+(loop-corrected, see common.corrected_flops) and memory analysis, batch 1, the prompt untrimmed (200)
+and trimmed to its bucket (32, what the policy runs on LIBERO's prompts: eqx_pi05.prompt).
 "masked" is what the reference computes (all three slots through SigLIP and every layer, masks decide);
 "compacted" leaves out the slots masked in every row (eqx_pi05.cameras.compact) — the same function.
 """
@@ -22,12 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CAMERA_SETS, abstract_batch, compile_abstract, corrected_flops, median_ms, memory, write  # noqa: E402
+from common import CAMERA_SETS, abstract_batch, compile_abstract, corrected_flops, median_ms, memory, read, write  # noqa: E402
 
 from eqx_pi05.cameras import SLOTS, compact  # noqa: E402
 from eqx_pi05.config import pi05_full, pi05_tiny  # noqa: E402
 from eqx_pi05.model import Observation, Pi05, sample_actions  # noqa: E402
 
+OPENPI_TFLOPS = 4.75  # openpi's sample_actions at batch 1, prompt 200, measured the same way
 MASKS = {
     "both-cam": {"base_0_rgb": True, "left_wrist_0_rgb": True, "right_wrist_0_rgb": False},
     "wrist-only": {"base_0_rgb": False, "left_wrist_0_rgb": True, "right_wrist_0_rgb": False},
@@ -71,8 +73,10 @@ def tiny_rows(runs: int) -> list[dict]:
     return rows
 
 
-def full_rows() -> list[dict]:
-    config = dataclasses.replace(pi05_full(), remat=False)
+def full_rows(prompt_len: int) -> list[dict]:
+    """sample_actions at batch 1 with the prompt `prompt_len` wide: 200 untrimmed (masked and compacted),
+    32 trimmed (compacted: what the policy runs on LIBERO's 15-21-token prompts)."""
+    config = dataclasses.replace(pi05_full(max_token_len=prompt_len), remat=False)
     noise = jax.ShapeDtypeStruct((1, config.action_horizon, 32), jnp.float32)
 
     def fn(model, fields, noise):
@@ -80,27 +84,36 @@ def full_rows() -> list[dict]:
 
     rows = []
     for name, cams in CAMERA_SETS.items():
+        if prompt_len != 200 and "masked" in name:
+            continue
         fields = abstract_batch(config, 1, cams)
         flops = corrected_flops(fn, config, fields, noise)
         mem = memory(compile_abstract(fn, config, fields, noise))
-        rows.append(dict(name=name, cameras=list(cams), tflops=flops["flops"] / 1e12, **mem))
-        print(f"  full sample_actions b=1  {name:22s} {rows[-1]['tflops']:6.2f} TFLOP  temp {mem['temp_gib']:.2f} GiB  peak {mem['peak_gib']:.2f} GiB")
-    by = {r["name"]: r for r in rows}
-    for v in ("both-cam", "wrist-only"):
-        ratio = by[f"{v} compacted"]["tflops"] / by[f"{v} masked"]["tflops"]
-        print(f"  {v}: compacted/masked FLOPs = {ratio:.3f}")
+        rows.append(dict(name=name, cameras="wrist" if name.startswith("wrist") else "both", prompt_len=prompt_len, batch=1,
+                         slots=list(cams), tflops=flops["flops"] / 1e12, tflops_per_sample=flops["flops"] / 1e12,
+                         vs_openpi=flops["flops"] / 1e12 / OPENPI_TFLOPS, **mem))
+        print(f"  full sample_actions b=1 prompt {prompt_len:3d} {name:22s} {rows[-1]['tflops']:6.2f} TFLOP ({rows[-1]['vs_openpi']:.3f}x openpi)"
+              f"  temp {mem['temp_gib']:.2f} GiB  peak {mem['peak_gib']:.2f} GiB", flush=True)
     return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[32, 200], help="(b): prompt widths (32: trimmed, 200: untrimmed)")
     p.add_argument("--skip-full", action="store_true")
+    p.add_argument("--skip-tiny", action="store_true")
     args = p.parse_args()
-    print("(a) tiny config, wall time, median of", args.runs)
-    tiny = tiny_rows(args.runs)
-    full = [] if args.skip_full else (print("(b) full size, XLA analysis of the lowered program (no allocation)"), full_rows())[1]
-    print("wrote", write("inference", dict(tiny=tiny, full=full, reference_tflops_sample_actions_b1=4.75)))
+    last = read("inference")  # a skipped part (or prompt width) keeps the rows of the last run
+    tiny, full = last.get("tiny", []), [r for r in last.get("full", []) if r.get("prompt_len", 200) not in args.prompt_lens]
+    if not args.skip_tiny:
+        print("(a) tiny config, wall time, median of", args.runs)
+        tiny = tiny_rows(args.runs)
+    if not args.skip_full:
+        print("(b) full size, XLA analysis of the lowered program (no allocation)")
+        for n in args.prompt_lens:
+            full += full_rows(n)
+    print("wrote", write("inference", dict(tiny=tiny, full=full, reference_tflops_sample_actions_b1=OPENPI_TFLOPS)))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""Train step, masked vs compacted: (a) wall time of the real jitted step on this CPU at the tiny
-size; (b) the full-size step lowered with abstract shapes (nothing allocated) at batch 32: XLA FLOPs
-and memory.
+"""Train step: (a) wall time of the real jitted step on this CPU at the tiny size, masked vs
+compacted; (b) the full-size step lowered with abstract shapes (nothing allocated) at batch 32, in
+the formulation train.py runs, with the prompt untrimmed (200) and trimmed (32): XLA FLOPs per
+sample against openpi's 17.35, and the whole step's peak memory; then memory-only rows (no EMA,
+openpi's batch 256 by gradient accumulation, Adam's first moment in bfloat16).
 
-    python benchmarks/train_step.py [--runs 5] [--batch 32] [--skip-full] [--skip-tiny] [--model tiny|demo]
+    python benchmarks/train_step.py [--runs 5] [--batch 32] [--prompt-lens 32 200] [--skip-full] [--skip-tiny] [--model tiny|demo]
 
-A skipped part keeps its rows from the last results file of this backend.
+A skipped part (or prompt width) keeps its rows from the last results file of this backend.
 
-Each variant is measured in two or three formulations of the same function:
+(a) measures each variant in two or three formulations of the same function:
 - masked: the reference's program — all three camera slots go through the image tower and every
   layer, the masks decide (the padding slot; the removed camera; the student's camera per row);
 - compacted: what `train.py` runs — slots masked in every row are left out of the batch (the
@@ -14,13 +16,15 @@ Each variant is measured in two or three formulations of the same function:
 - for mixed batches (curriculum, p < 1) two ways to keep the per-row choice: the student masked per
   row (2 slots), or its rows grouped by camera set (the compacted wrist-only forward selected per row
   against the live both-camera forward the loss computes anyway; the default, `StepConfig.group_student`).
+Median ms of the whole step (augmentation, loss, grad, clip + AdamW, EMA) at batch 8, and the first
+step's loss of every formulation against the masked one (the same function: ≤ 1e-5 relative).
 
-(a) median ms of the whole step (augmentation, loss, grad, clip + AdamW, EMA) at batch 8, and the
-first step's loss of every formulation against the masked one (the same function: ≤ 1e-5 relative).
 (b) FLOPs of loss + grad (the optimizer adds ~0.1 TFLOP to all alike): XLA's cost analysis counts a
 scan body once, so `common.corrected_flops` compiles the layer stacks unrolled at depths 1 and 2 and
 extrapolates per layer. Memory: the whole scanned train step (remat, state donated, AdamW moments and
-EMA included), peak ≈ arguments + outputs + temp − donated aliases, against one H100's 74.5 GiB.
+EMA float32), peak = arguments + outputs + temp − donated aliases, against one 80 GB GPU (74.5 GiB).
+Every row carries case, cameras ("both"/"wrist"), ema, prompt_len, batch and peak_gib (and the
+FLOP rows tflops_per_sample).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from eqx_pi05.train.state import TrainState, init_state, split_model  # noqa: E4
 from eqx_pi05.train.step import StepConfig, abstract, loss_and_grads, make_train_step, train_step  # noqa: E402
 
 H100_GIB = 80e9 / 2**30
+OPENPI_TFLOPS_PER_SAMPLE = 17.35  # openpi pi05_libero loss + grad, measured the same way (issue 14)
 AGENT, WRIST, PAD = SLOTS
 
 
@@ -79,8 +84,9 @@ CASES = {
 
 
 def batch_arrays(config, b: int, form: Form, abstract_only: bool = False):
-    """The step's batch in the pipeline's layout (uint8 images), concrete or as ShapeDtypeStructs.
-    Concrete batches share their values across formulations (only the slot set and masks differ)."""
+    """The step's batch in the pipeline's layout (uint8 images), concrete or as ShapeDtypeStructs, its
+    prompt `config.max_token_len` wide (the trimmed width when that is a bucket). Concrete batches
+    share their values across formulations (only the slot set and masks differ)."""
     s, n, h = config.siglip.image_size, config.max_token_len, config.action_horizon
     spec = dict(image={k: ((b, s, s, 3), np.uint8) for k in form.slots}, image_mask={k: ((b,), bool) for k in form.slots},
                 state=((b, 32), np.float32), tokenized_prompt=((b, n), np.int32), tokenized_prompt_mask=((b, n), bool),
@@ -148,39 +154,63 @@ def loss_grad_fn(variant: str, p: float, form: Form):
     return fn
 
 
-def step_memory(config, variant: str, form: Form, b: int, ema: bool) -> dict:
+def step_memory(config, variant: str, form: Form, b: int, ema: bool, grad_accum_steps: int = 1, mu_dtype: str | None = None) -> dict:
     """Memory analysis of the whole scanned train step (state donated) at full size, abstractly."""
-    cfg = dataclasses.replace(VARIANTS[variant], model=config, ema_decay=0.999 if ema else None)
+    base = VARIANTS[variant]
+    cfg = dataclasses.replace(base, model=config, data=dataclasses.replace(base.data, max_token_len=config.max_token_len),
+                              ema_decay=0.999 if ema else None, optimizer=dataclasses.replace(base.optimizer, mu_dtype=mu_dtype))
     optimizer = make_optimizer(cfg.lr, cfg.optimizer)
     state = jax.eval_shape(lambda m: init_state(m, optimizer, ema=ema, seed=0), abstract_model(config))
-    step = jax.jit(lambda s, bt, p_: train_step(s, bt, p_, None, form.drop_student, cfg=step_config(variant, form, ema)),
-                   donate_argnums=0)
+    step_cfg = dataclasses.replace(step_config(variant, form, ema), optimizer=cfg.optimizer, grad_accum_steps=grad_accum_steps)
+    step = jax.jit(lambda s, bt, p_: train_step(s, bt, p_, None, form.drop_student, cfg=step_cfg), donate_argnums=0)
     mem = memory(step.lower(state, batch_arrays(config, b, form, abstract_only=True), jax.ShapeDtypeStruct((), jnp.float32)).compile())
     return dict(**mem, fits_h100=mem["peak_gib"] <= H100_GIB)
 
 
-def full_rows(b: int) -> list[dict]:
+def _cameras(form: Form) -> str:
+    return "wrist" if form.slots == (WRIST,) else "both"
+
+
+# What train.py runs per case (the reference's masked program costs openpi's 17.35 TFLOP per sample).
+TRAINED = {"both-cam BC (pi05_libero)": "compacted", "wrist-only BC (wristonly_physdrop)": "compacted",
+           "selfdistill_only (p=1)": "compacted", "curric_selfdistill (p=0.5)": "compacted, grouped by camera set"}
+# Memory-only rows: (case, what, batch, ema, grad_accum_steps, mu_dtype).
+MEMORY_ROWS = [
+    ("both-cam BC (pi05_libero)", "no EMA", 32, False, 1, None),
+    ("both-cam BC (pi05_libero)", "openpi's batch 256 as 8 x 32 (--grad-accum-steps 8)", 256, True, 8, None),
+    ("curric_selfdistill (p=0.5)", "Adam mu in bfloat16 (--optimizer.mu-dtype bfloat16)", 32, True, 1, "bfloat16"),
+    ("wrist-only BC (wristonly_physdrop)", "Adam mu in bfloat16 (--optimizer.mu-dtype bfloat16)", 32, True, 1, "bfloat16"),
+    ("both-cam BC (pi05_libero)", "Adam mu in bfloat16 (--optimizer.mu-dtype bfloat16)", 32, True, 1, "bfloat16"),
+]
+
+
+def full_rows(b: int, prompt_len: int) -> list[dict]:
+    """The trained formulation of every case at batch `b`, the prompt `prompt_len` wide (200: untrimmed;
+    32: trimmed, the bucket of LIBERO's 15-21-token prompts): FLOPs of loss + grad per sample and
+    the whole step's peak memory with EMA; then the memory-only rows (at this prompt width)."""
     rows = []
-    config = pi05_full(action_horizon=10)  # remat on, as trained
-    for case, (variant, p, forms) in CASES.items():
-        ref = None
-        for name, form in forms.items():
-            t0 = time.perf_counter()
-            flops = corrected_flops(loss_grad_fn(variant, p, form), config, batch_arrays(config, b, form, abstract_only=True))
-            tflops = flops["flops"] / 1e12
-            ref = ref or tflops
-            mem = step_memory(config, variant, form, b, ema=True)
-            rows.append(dict(case=case, formulation=name, batch=b, tflops=tflops, vs_masked=tflops / ref,
-                             per_llm_layer_tflops=flops["per_llm_layer"] / 1e12, per_siglip_layer_tflops=flops["per_siglip_layer"] / 1e12, **mem))
-            print(f"  {case:34s} {name:34s} {tflops:7.1f} TFLOP  {tflops / ref:5.3f}× masked   temp {mem['temp_gib']:5.1f} GiB  "
-                  f"peak {mem['peak_gib']:5.1f} GiB ({'fits' if mem['fits_h100'] else 'over'} one H100)"
-                  f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    # What one GPU can hold: the both-camera recipe without its EMA copy.
-    case, (variant, _, forms) = "both-cam BC (pi05_libero), no EMA", CASES["both-cam BC (pi05_libero)"]
-    mem = step_memory(config, variant, forms["compacted"], b, ema=False)
-    rows.append(dict(case=case, formulation="compacted", batch=b, **mem))
-    print(f"  {case:34s} {'compacted':34s} {'':19s}   temp {mem['temp_gib']:5.1f} GiB  peak {mem['peak_gib']:5.1f} GiB "
-          f"({'fits' if mem['fits_h100'] else 'over'} one H100)", flush=True)
+    config = pi05_full(action_horizon=10, max_token_len=prompt_len)  # remat on, as trained
+    for case, formulation in TRAINED.items():
+        variant, p, forms = CASES[case]
+        form = forms[formulation]
+        t0 = time.perf_counter()
+        flops = corrected_flops(loss_grad_fn(variant, p, form), config, batch_arrays(config, b, form, abstract_only=True))
+        tflops = flops["flops"] / 1e12
+        mem = step_memory(config, variant, form, b, ema=True)
+        rows.append(dict(case=case, formulation=formulation, cameras=_cameras(form), ema=True, prompt_len=prompt_len, batch=b,
+                         tflops=tflops, tflops_per_sample=tflops / b, vs_openpi=tflops / b / OPENPI_TFLOPS_PER_SAMPLE,
+                         per_llm_layer_tflops=flops["per_llm_layer"] / 1e12, per_siglip_layer_tflops=flops["per_siglip_layer"] / 1e12, **mem))
+        print(f"  {case:34s} prompt {prompt_len:3d}  {tflops / b:6.2f} TFLOP/sample ({tflops / b / OPENPI_TFLOPS_PER_SAMPLE:.3f}x openpi)"
+              f"  temp {mem['temp_gib']:5.1f} GiB  peak {mem['peak_gib']:5.1f} GiB ({'fits' if mem['fits_h100'] else 'over'} 80 GB)"
+              f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for case, what, batch, ema, k, mu_dtype in MEMORY_ROWS:
+        variant, _, forms = CASES[case]
+        form = forms[TRAINED[case]]
+        mem = step_memory(config, variant, form, batch, ema=ema, grad_accum_steps=k, mu_dtype=mu_dtype)
+        rows.append(dict(case=case, formulation=f"{TRAINED[case]}, {what}", cameras=_cameras(form), ema=ema, prompt_len=prompt_len,
+                         batch=batch, grad_accum_steps=k, mu_dtype=mu_dtype, **mem))
+        print(f"  {case:34s} prompt {prompt_len:3d}  {what:52s} temp {mem['temp_gib']:5.1f} GiB  peak {mem['peak_gib']:5.1f} GiB "
+              f"({'fits' if mem['fits_h100'] else 'over'} 80 GB)", flush=True)
     return rows
 
 
@@ -188,20 +218,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-lens", type=int, nargs="+", default=[32, 200], help="(b): prompt widths (32: trimmed, 200: untrimmed)")
     ap.add_argument("--model", choices=("tiny", "demo"), default="tiny", help="(a): pi05_tiny (fixture size) or the demo model")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
     args = ap.parse_args()
-    last = read("train_step")  # a skipped part keeps the rows of the last run
-    tiny, full = last.get("tiny", []), last.get("full", [])
+    last = read("train_step")  # a skipped part (or prompt width) keeps the rows of the last run
+    tiny, full = last.get("tiny", []), [r for r in last.get("full", []) if r.get("prompt_len") not in args.prompt_lens]
     if not args.skip_tiny:
         print(f"(a) {args.model} model on {jax.devices()[0].device_kind}, whole train step, batch 8, median of {args.runs}")
         tiny = tiny_rows(args.runs, args.model)
     if not args.skip_full:
-        print(f"(b) full size (bf16, prompt 200, horizon 10, remat), batch {args.batch}, lowered abstractly; FLOPs of loss + grad,\n"
+        print(f"(b) full size (bf16, horizon 10, remat), batch {args.batch}, lowered abstractly; FLOPs of loss + grad,\n"
               "    loop-corrected (XLA counts a scan body once: stacks compiled unrolled at depths 1 and 2, extrapolated per layer)")
-        full = full_rows(args.batch)
-    print("wrote", write("train_step", dict(tiny=tiny, full=full, h100_gib=H100_GIB)))
+        for n in args.prompt_lens:
+            full = [r for r in full if r.get("prompt_len") != n] + full_rows(args.batch, n)
+            write("train_step", dict(tiny=tiny, full=full, h100_gib=H100_GIB, openpi_tflops_per_sample=OPENPI_TFLOPS_PER_SAMPLE))
+    print("wrote", write("train_step", dict(tiny=tiny, full=full, h100_gib=H100_GIB, openpi_tflops_per_sample=OPENPI_TFLOPS_PER_SAMPLE)))
 
 
 if __name__ == "__main__":

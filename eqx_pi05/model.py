@@ -98,10 +98,15 @@ class Pi05(eqx.Module):
     ) -> tuple[Float[Array, "b s d"], Bool[Array, "b s"], Bool[Array, " s"]]:
         """[256 image tokens per present camera slot | prompt tokens]; ar_mask all False."""
         tokens, masks = [], []
-        for name in (k for k in SLOTS if k in obs.images):
-            t = self.img(obs.images[name], dtype=self.dtype)
-            tokens.append(t)
-            masks.append(jnp.broadcast_to(obs.image_masks[name][:, None], t.shape[:2]))
+        names = [k for k in SLOTS if k in obs.images]
+        if names:
+            # One image-tower call for every present camera, stacked along the batch: one layer scan
+            # and one set of weight gradients instead of one per camera (each image is its own row).
+            b = obs.state.shape[0]
+            images = self.img(jnp.concatenate([obs.images[k] for k in names]), dtype=self.dtype)
+            for i, name in enumerate(names):
+                tokens.append(images[i * b : (i + 1) * b])
+                masks.append(jnp.broadcast_to(obs.image_masks[name][:, None], tokens[-1].shape[:2]))
         tokens.append(self.llm.embedder(obs.tokenized_prompt, self.dtype))
         masks.append(obs.tokenized_prompt_mask)
         tokens = jnp.concatenate(tokens, axis=1)

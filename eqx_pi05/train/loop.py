@@ -26,7 +26,7 @@ from eqx_pi05.train.metrics import MetricsLog
 from eqx_pi05.train.optimizer import make_optimizer
 from eqx_pi05.train.sharding import fsdp_shardings, global_batch, initialize, make_mesh
 from eqx_pi05.train.state import TrainState, init_state
-from eqx_pi05.train.step import FAST_COMPILE, StepConfig, abstract, make_train_step
+from eqx_pi05.train.step import FAST_COMPILE, StepConfig, abstract, drops_student, make_train_step
 from eqx_pi05.trainable import describe_counts, param_counts
 
 logger = logging.getLogger(__name__)  # the phase lines (train.py shows INFO; `log` below is the metrics log)
@@ -91,8 +91,9 @@ def _check_inputs(cfg: TrainConfig, devices: int) -> None:
     for name in ("dataset", "tokenizer", "norm_stats"):
         if not pathlib.Path(getattr(cfg.data, name)).exists():
             raise FileNotFoundError(f"data.{name}: {getattr(cfg.data, name)} does not exist (see --data.{name.replace('_', '-')}, or --preset demo)")
-    if cfg.data.batch_size % devices:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {devices} devices of the mesh")
+    if cfg.data.batch_size % (devices * cfg.grad_accum_steps):
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {devices} devices of the mesh "
+                         f"times grad_accum_steps={cfg.grad_accum_steps} (each device's rows split into equal micro-batches)")
 
 
 def _existing_steps(cfg: TrainConfig) -> list[int]:
@@ -176,7 +177,7 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, teacher, step_fn, dat
     # Slots no row may attend to, decided from the config (not per batch: a chance all-False batch
     # would retrace, and processes must agree): the padding slot and cameras view_remove always drops.
     always_removed = [cameras.PADDING_SLOT, *cfg.data.view_remove.train.always()]
-    start, n = int(state.step), cfg.num_train_steps
+    start, n, step_cfg = int(state.step), cfg.num_train_steps, StepConfig.of(cfg)
     suffix = "" if main else f".process{jax.process_index()}"
     log = MetricsLog(out / f"metrics{suffix}.jsonl", start=start, wandb_run=_wandb_run(cfg, run_info, fresh=start == 0) if cfg.wandb and main else None)
     records, pending, t0 = [], [], time.perf_counter()
@@ -198,7 +199,7 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, teacher, step_fn, dat
         p = 0.0 if cfg.distill is None else cfg.distill.p_at(step, cfg.num_train_steps)
         batch = trim_prompt(cameras.drop(batch, always_removed), length=_global_prompt_length(batch))
         batch = global_batch(batch, mesh)
-        wrist_only = cfg.distill is not None and p >= 1.0
+        wrist_only = drops_student(step_cfg, p)
         program = (wrist_only, tuple((jax.tree_util.keystr(k), x.shape) for k, x in jax.tree_util.tree_leaves_with_path(batch)))
         if program not in compiled:  # the call compiles before it dispatches: minutes on a CPU, so say so
             logger.info("compiling the training step (once per camera set / prompt bucket)...")

@@ -17,7 +17,6 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
@@ -25,9 +24,9 @@ from eqx_pi05.augment import augment
 from eqx_pi05.loss import DistillConfig, has_live_forward, select_student, train_loss
 from eqx_pi05.model import Observation, Pi05, sample_noise_and_time
 from eqx_pi05.variants import AdamW, LRSchedule, TrainConfig
-from eqx_pi05.train.optimizer import lr_schedule, make_optimizer
+from eqx_pi05.train.optimizer import apply_optimizer, lr_schedule
 from eqx_pi05.train.sharding import batch_sharding, fsdp_shardings, replicated
-from eqx_pi05.train.state import TrainState, ema_update
+from eqx_pi05.train.state import TrainState
 
 # XLA options for programs whose compile time matters more than their run time (init, short CPU runs).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -46,11 +45,24 @@ class StepConfig:
     # p < 1: group the student's rows by camera set where exact and cheaper (the loss has the live
     # both-camera forward); False masks the camera per row everywhere (the reference formulation).
     group_student: bool = True
+    grad_accum_steps: int = 1  # the batch's gradient as the mean over this many micro-batches (memory of one)
 
     @staticmethod
     def of(cfg: TrainConfig) -> StepConfig:
         return StepConfig(lr=cfg.lr, optimizer=cfg.optimizer, ema_decay=cfg.ema_decay, augment=cfg.augment,
-                          distill=cfg.distill, fast_compile=cfg.xla_fast_compile)
+                          distill=cfg.distill, fast_compile=cfg.xla_fast_compile, grad_accum_steps=cfg.grad_accum_steps)
+
+
+def drops_student(cfg: StepConfig, p: float) -> bool:
+    """The step's static `drop_student` at probability p: the wrist-only student program at p = 1,
+    except where the p < 1 program already groups the rows (the loss has the live both-camera
+    forward): at p = 1 every row takes its wrist-only forward, the same function at the same cost,
+    so a curriculum reaching p = 1 keeps its program instead of compiling a second one."""
+    d = cfg.distill
+    if d is None or p < 1.0:
+        return False
+    live = (d.lam > 0 and d.teacher == "self") or d.anchor_frac > 0  # loss.has_live_forward of the step's teacher
+    return not (cfg.group_student and live)
 
 
 def loss_and_grads(
@@ -81,13 +93,31 @@ def loss_and_grads(
     group = cfg.group_student and has_live_forward(lam, anchor_frac, teacher)
     student, rows = select_student(obs, None if d is None else d.slot, p, k_student, drop=drop_student, group=group)
 
-    def loss_fn(params):
+    def loss_fn(params, rows_in):
+        obs, student, actions, noise, t, rows = rows_in
         model = eqx.combine(params, state.frozen)
         return train_loss(model, obs, student, actions, noise, t, lam=lam, anchor_frac=anchor_frac, teacher=teacher,
                           student_rows=rows)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return loss, terms, grads
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    rows_in = (obs, student, actions, noise, t, rows)
+    k = cfg.grad_accum_steps
+    if k == 1:
+        (loss, terms), grads = grad_fn(state.params, rows_in)
+        return loss, terms, grads
+    # Gradient accumulation: every term of the loss is a mean over rows, so the batch's loss and
+    # gradients are the mean over k equal micro-batches (equal up to summation order). Everything
+    # random was drawn above for the whole batch, so the rows see what they would in one step.
+    # Micro-batch j takes rows j, j+k, ...: each device keeps its own rows in every micro-batch.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), rows_in)
+
+    def accumulate(total, mb):
+        return jax.tree.map(jnp.add, total, grad_fn(state.params, mb)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, first))
+    ((loss, terms), grads), _ = jax.lax.scan(accumulate, zeros, micro)
+    return jax.tree.map(lambda x: x / k, (loss, terms, grads))
 
 
 def step_keys(state: TrainState) -> tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray]:
@@ -106,19 +136,12 @@ def train_step(
     *,
     cfg: StepConfig,
 ) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
-    """`loss_and_grads`, then clip + AdamW on the trainable params and the EMA update."""
+    """`loss_and_grads`, then clip + AdamW on the trainable params and the EMA update (leaf by leaf)."""
     loss, terms, grads = loss_and_grads(state, batch, p, teacher, drop_student, cfg)
-    updates, opt_state = make_optimizer(cfg.lr, cfg.optimizer).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = TrainState(
-        step=state.step + 1,
-        params=params,
-        frozen=state.frozen,
-        opt_state=opt_state,
-        ema=None if state.ema is None else ema_update(state.ema, params, cfg.ema_decay),
-        rng=state.rng,
-    )
-    metrics = dict(loss=loss, **terms, p=jnp.asarray(p, jnp.float32), grad_norm=optax.tree.norm(grads),
+    params, opt_state, ema, grad_norm = apply_optimizer(cfg.lr, cfg.optimizer, grads, state.opt_state, state.params, state.ema,
+                                                        cfg.ema_decay)
+    new = TrainState(step=state.step + 1, params=params, frozen=state.frozen, opt_state=opt_state, ema=ema, rng=state.rng)
+    metrics = dict(loss=loss, **terms, p=jnp.asarray(p, jnp.float32), grad_norm=grad_norm,
                    lr=jnp.asarray(lr_schedule(cfg.lr)(state.step), jnp.float32))
     return new, metrics
 

@@ -1,0 +1,94 @@
+"""The train step's memory mechanisms compute today's step: the leaf-by-leaf optimizer equals optax's
+tree-wide update, gradient accumulation equals the full-batch step up to summation order."""
+
+import dataclasses
+
+import chex
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import random_batch, random_model, small_config
+
+from eqx_pi05.cameras import compact
+from eqx_pi05.variants import VARIANTS
+from eqx_pi05.train.optimizer import apply_optimizer, make_optimizer
+from eqx_pi05.train.state import ema_update, init_state
+from eqx_pi05.train.step import StepConfig, drops_student, loss_and_grads, train_step
+
+
+def _state_and_batch(variant: str, b: int):
+    cfg = small_config()
+    train_cfg = VARIANTS[variant]
+    state = init_state(random_model(cfg), make_optimizer(train_cfg.lr, train_cfg.optimizer), ema=True, seed=0)
+    return train_cfg, state, compact(random_batch(cfg, b, seed=3))
+
+
+def _step(step_cfg, state, batch, p, drop_student=False):
+    return eqx.filter_jit(train_step)(state, batch, jnp.float32(p), None, drop_student, cfg=step_cfg)
+
+
+@pytest.mark.parametrize("variant,p", [("curric_selfdistill", 0.5)])
+def test_gradient_accumulation_equals_the_full_batch_step(variant, p):
+    """K = 2 micro-batches of 2 rows: the same loss, terms, gradient norm and updated state (params,
+    Adam moments, EMA) as one batch of 4, to float summation order; the curriculum's grouped mixed
+    batch (rows drawn for the whole batch) included."""
+    train_cfg, state, batch = _state_and_batch(variant, 4)
+    step_cfg = dataclasses.replace(StepConfig.of(train_cfg), fast_compile=True)
+    ref_state, ref = _step(step_cfg, state, batch, p)
+    new_state, got = _step(dataclasses.replace(step_cfg, grad_accum_steps=2), state, batch, p)
+    for k in ("loss", "bc", "distill", "anchor", "grad_norm"):
+        np.testing.assert_allclose(got[k], ref[k], rtol=2e-6, atol=1e-8, err_msg=k)
+    # The first step's update is ±lr per element whatever the gradient's size (Adam), so compare the
+    # moments (the gradient itself) as well as the params.
+    chex.assert_trees_all_close(new_state.opt_state, ref_state.opt_state, rtol=1e-5, atol=1e-8)
+    chex.assert_trees_all_close((new_state.params, new_state.ema), (ref_state.params, ref_state.ema), rtol=1e-6, atol=1e-7)
+    assert float(ref["loss"]) > 0
+
+
+def test_gradient_accumulation_needs_equal_micro_batches():
+    train_cfg, state, batch = _state_and_batch("pi05_libero", 3)
+    with pytest.raises(TypeError, match="reshape"):
+        _step(dataclasses.replace(StepConfig.of(train_cfg), grad_accum_steps=2, fast_compile=True), state, batch, 0.0)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])  # the global norm under and over the clip threshold
+def test_leaf_by_leaf_optimizer_equals_optax_apply_updates_and_ema(scale):
+    """`apply_optimizer` (clip, AdamW, apply, EMA one leaf after another) against today's formulation:
+    `make_optimizer(...).update` on the whole tree, `optax.apply_updates`, `ema_update` — two steps."""
+    train_cfg, state, _ = _state_and_batch("pi05_libero", 2)
+    tx, lr, opt = make_optimizer(train_cfg.lr, train_cfg.optimizer), train_cfg.lr, train_cfg.optimizer
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype), state.params) for _ in range(2)]
+
+    @jax.jit
+    def reference(params, opt_state, ema, g):
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, ema_update(ema, params, 0.99), optax.tree.norm(g)
+
+    ours = jax.jit(lambda p, o, e, g: apply_optimizer(lr, opt, g, o, p, e, 0.99))
+    a = b = (state.params, state.opt_state, state.ema)
+    for g in grads:
+        a, b = ours(*a, g), reference(*b, g)
+        np.testing.assert_allclose(a[3], b[3], rtol=1e-6)
+        assert (float(a[3]) > opt.clip_gradient_norm) == (scale > 1)
+        chex.assert_trees_all_close(a[:3], b[:3], rtol=1e-6, atol=1e-9)
+        a, b = a[:3], b[:3]
+    assert jax.tree.structure(a[1]) == jax.tree.structure(state.opt_state)
+
+
+def test_a_curriculum_reaching_p_1_keeps_its_grouped_program_and_function():
+    """curric_selfdistill at p = 1 stays on the p < 1 (grouped) program: every row takes the wrist-only
+    forward, the same loss and gradients as the wrist-only-student program, so no second compile.
+    Without a live both-camera forward (curriculum_only) p = 1 does switch to the cheaper program."""
+    train_cfg, state, batch = _state_and_batch("curric_selfdistill", 2)
+    step_cfg = dataclasses.replace(StepConfig.of(train_cfg), fast_compile=True)
+    assert [drops_student(step_cfg, p) for p in (0.0, 0.5, 1.0)] == [False, False, False]
+    assert drops_student(StepConfig.of(VARIANTS["curriculum_only"]), 1.0) and not drops_student(StepConfig.of(VARIANTS["pi05_libero"]), 1.0)
+    run = eqx.filter_jit(loss_and_grads)
+    grouped, dropped = (run(state, batch, jnp.float32(1.0), None, drop, step_cfg) for drop in (False, True))
+    np.testing.assert_allclose(grouped[0], dropped[0], rtol=1e-6)
+    chex.assert_trees_all_close(grouped[2], dropped[2], rtol=1e-5, atol=1e-7)
