@@ -252,7 +252,7 @@ def _global_prompt_length(batch: dict) -> int:
 # Fields a resumed run may change: how it runs, not what it trains (num_train_steps extends a run;
 # note it also stretches a curriculum), and files read again (a moved dataset; changed stats are the user's call).
 RESUMABLE = ("output_dir", "resume", "overwrite", "log_interval", "save_interval", "keep_checkpoints", "async_checkpoint",
-             "xla_fast_compile", "fsdp_devices", "fsdp_min_bytes", "wandb", "wandb_project", "wandb_offline",
+             "xla_fast_compile", "grad_accum_steps", "fsdp_devices", "fsdp_min_bytes", "wandb", "wandb_project", "wandb_offline",
              "coordinator_address", "num_processes", "process_id", "num_train_steps", "weights",
              "data.dataset", "data.tokenizer", "data.norm_stats", "distill.teacher_checkpoint")
 
