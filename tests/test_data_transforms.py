@@ -154,10 +154,14 @@ def test_policy_chain_takes_224_images_without_actions_and_applies_eval_removal_
         view_remove=ViewRemoveConfig(train=CameraProbs(agentview=1.0), eval=CameraProbs(agentview=1.0)),
     )
     sample = _sample(size=224, actions=False)
-    out = make_transforms(cfg, STATS, tokenizer, train=False)(sample, index=3)
+    out = make_transforms(cfg, STATS, tokenizer, train=False, eval_view="real")(sample, index=3)
     assert "actions" not in out
     assert out["image_mask"]["base_0_rgb"] == False and not out["image"]["base_0_rgb"].any()  # noqa: E712
     np.testing.assert_array_equal(out["image"]["left_wrist_0_rgb"], sample["observation/wrist_image"])  # no dropout at eval
+    # The default eval view is what a robot without the dropped-out camera gives: zeros, mask True.
+    deployed = make_transforms(cfg, STATS, tokenizer, train=False)(sample, index=3)
+    assert deployed["image_mask"]["left_wrist_0_rgb"] == True and not deployed["image"]["left_wrist_0_rgb"].any()  # noqa: E712
+    assert deployed["image_mask"]["base_0_rgb"] == False  # noqa: E712
     train = make_transforms(cfg, STATS, tokenizer, train=True)(_sample(), index=3)
     assert train["image_mask"]["left_wrist_0_rgb"] == True and not train["image"]["left_wrist_0_rgb"].any()  # noqa: E712
 
