@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -81,11 +82,67 @@ def test_a_recording_is_never_overwritten_and_a_resume_must_match(tmp_path):
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="--tasks"):
         record.RecordConfig(tasks=(10,))
+    with pytest.raises(ValueError, match="--action-noise: .* got -0.1"):
+        record.RecordConfig(tasks=(0,), action_noise=-0.1)
     with pytest.raises(ValueError, match="--episodes-per-task"):
         record.record(tmp_path / "rec", record.RecordConfig(tasks=(0,)), episodes_per_task=0)
     with pytest.raises(ValueError, match="--max-attempts-per-task 2 < --episodes-per-task 3"):
         record.record(tmp_path / "rec", record.RecordConfig(tasks=(0,)), episodes_per_task=3, max_attempts_per_task=2)
     assert not (tmp_path / "rec").exists()
+
+
+def test_action_noise_is_a_seeded_slow_perturbation_that_fades_at_the_target():
+    far = np.array([0.3, 0.0, 0.0])
+    draw = lambda seed, n, error=far: np.stack([noise(error) for noise in [record.NoiseProcess(0.5, np.random.default_rng(seed))]  # noqa: E731
+                                                for _ in range(n)])
+    a, b = draw(1, 4000), draw(1, 4000)
+    np.testing.assert_array_equal(a, b)  # the attempt's seed fixes it
+    assert np.abs(a[1000:].std(0) - 0.5).max() < 0.05  # stationary std = scale
+    lag1 = np.mean([np.corrcoef(a[1000:-1, i], a[1001:, i])[0, 1] for i in range(3)])
+    assert 0.85 < lag1 < 0.95  # slowly varying (rho 0.9), not white
+    noise = record.NoiseProcess(0.5, np.random.default_rng(2))
+    for _ in range(50):
+        noise(far)
+    half_way = noise(np.array([0.0, 0.025, 0.0]))  # 2.5 cm from the target: half the perturbation
+    np.testing.assert_allclose(half_way, 0.5 * noise.state)
+    assert np.abs(noise.state).max() > 0.05
+    assert not noise(np.zeros(3)).any()  # at the target: no perturbation
+    assert not record.NoiseProcess(0.0, np.random.default_rng(0))(far).any()
+
+
+class _FakeSim:
+    """A point 'arm' that moves by 0.05 m per unit of command, with a bowl and a plate: enough for the
+    scripted controller, which reads object positions from the robosuite env underneath."""
+
+    def __init__(self):
+        bodies = np.array([[0.1, 0.2, 0.9], [-0.1, 0.1, 0.9]])
+        self._env = types.SimpleNamespace(obj_of_interest=["bowl", "plate"], env=types.SimpleNamespace(
+            sim=types.SimpleNamespace(data=types.SimpleNamespace(body_xpos=bodies)), obj_body_id={"bowl": 0, "plate": 1}))
+        self.eef, self.executed = np.zeros(3), []
+
+    def obs(self):
+        return {"agentview": np.zeros((4, 4, 3), np.uint8), "wrist": np.zeros((4, 4, 3), np.uint8),
+                "state": np.concatenate([self.eef, np.zeros(5)]).astype(np.float32)}
+
+    def step(self, action):
+        self.executed.append(np.array(action))
+        self.eef = self.eef + 0.05 * np.asarray(action[:3])
+        return self.obs(), False
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_recorded_actions_are_the_clean_commands_where_the_executed_ones_are_perturbed(scale):
+    sim = _FakeSim()
+    episode, _ = record.scripted_rollout(sim, sim.obs(), 0, 220, record.NoiseProcess(scale, np.random.default_rng(0)))
+    executed = np.stack(sim.executed[record.SETTLE_STEPS:])
+    assert len(episode) == len(executed) > 50
+    # the label is the controller's command at the state it saw, whatever was executed before
+    moving = np.abs(episode.actions[:, :3]).sum(1) > 0
+    np.testing.assert_array_equal(episode.actions[:, 6], executed[:, 6])  # the gripper is never perturbed
+    np.testing.assert_array_equal(episode.actions[~moving], executed[~moving])  # nor the grasp / release phases
+    differs = np.abs(episode.actions[moving, :3] - executed[moving, :3]).max(1) > 1e-6
+    assert differs.mean() > 0.5 if scale else not differs.any()
+    np.testing.assert_array_equal(np.abs(executed[:, :3]) <= 1.0, True)  # still a valid command
 
 
 @pytest.mark.parametrize("keep_failures", [False, True])
@@ -121,7 +178,8 @@ def test_closed_loop_at_ci_size_record_train_evaluate(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,  # noqa: E731
                                        timeout=900)
     rec = run("-m", "eqx_pi05.eval.record", str(data), "--tasks", "0", "--episodes-per-task", "2",
-              "--keep-failures", "--max-frames", "12", "--max-attempts-per-task", "2", "--workers", "1")
+              "--keep-failures", "--max-frames", "12", "--max-attempts-per-task", "2", "--workers", "1",
+              "--action-noise", "0.5")
     assert rec.returncode == 0, rec.stderr[-3000:]
     rows = record.read_attempts(data)
     assert [(r["task"], r["attempt"], r["frames"]) for r in rows] == [(0, 0, 12), (0, 1, 12)]

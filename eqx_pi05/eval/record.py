@@ -31,6 +31,7 @@ from typing import Annotated
 
 import numpy as np
 import tyro
+from jaxtyping import Float
 from tqdm import tqdm
 
 from eqx_pi05.data.lerobot_write import Episode
@@ -55,6 +56,10 @@ class RecordConfig:
     suite: str = "libero_spatial"
     max_frames: int = 220
     """Frames per attempt at most (LIBERO-Spatial's evaluation limit; tests record shorter attempts)."""
+    action_noise: float = 0.0
+    """Std of a slowly varying perturbation added to the executed translation while the arm moves between
+    targets (DART-style, fading to 0 within 5 cm of a target); the recorded action stays the controller's
+    clean command at the perturbed state, so the demonstrations show how to get back on course."""
 
     def __post_init__(self):
         bad = [t for t in self.tasks if not 0 <= t < len(LIBERO_SPATIAL_TASKS)]
@@ -64,6 +69,8 @@ class RecordConfig:
             raise ValueError(f"--tasks: repeated index in {list(self.tasks)}")
         if self.max_frames < 1:
             raise ValueError(f"--max-frames: expected ≥ 1, got {self.max_frames}")
+        if not 0.0 <= self.action_noise <= 1.0:
+            raise ValueError(f"--action-noise: expected a std in [0, 1] (action units), got {self.action_noise}")
         if self.suite != "libero_spatial":
             raise ValueError(f"suite: only libero_spatial has a scripted recorder, got {self.suite!r}")
 
@@ -88,16 +95,35 @@ def _env(task_index: int):
     return _ENVS[task_index]
 
 
-def run_attempt(task_index: int, seed: int, max_frames: int) -> tuple[Episode, bool, float]:
+def run_attempt(task_index: int, seed: int, max_frames: int, action_noise: float = 0.0) -> tuple[Episode, bool, float]:
     """One scripted attempt from the sampled scene of `seed`: (episode, success, seconds)."""
     start = time.perf_counter()
     env = _env(task_index)
     obs = env.reset_sampled(seed)
-    episode, success = scripted_rollout(env, obs, task_index, max_frames)
+    noise = NoiseProcess(action_noise, np.random.default_rng(seed))
+    episode, success = scripted_rollout(env, obs, task_index, max_frames, noise)
     return episode, success, time.perf_counter() - start
 
 
-def scripted_rollout(env, obs, task_index: int, max_frames: int) -> tuple[Episode, bool]:
+@dataclasses.dataclass
+class NoiseProcess:
+    """AR(1) noise on the executed xyz command, stationary std `scale`, fading near the current target."""
+
+    scale: float
+    rng: np.random.Generator
+    rho: float = 0.9
+    fade: float = 0.05  # metres from the target under which the perturbation shrinks linearly to 0
+    state: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3))
+
+    def __call__(self, error: Float[np.ndarray, "3"]) -> Float[np.ndarray, "3"]:
+        if self.scale == 0.0:
+            return np.zeros(3)
+        self.state = self.rho * self.state + np.sqrt(1 - self.rho**2) * self.scale * self.rng.standard_normal(3)
+        return self.state * min(1.0, float(np.linalg.norm(error)) / self.fade)
+
+
+def scripted_rollout(env, obs, task_index: int, max_frames: int,
+                     noise: NoiseProcess | None = None) -> tuple[Episode, bool]:
     """Grasp the task's bowl by its rim, carry it over the plate, let go; frames after the settle steps."""
     # eqx_pi05.eval.sim.LiberoEnv exposes images and state only; object positions come from the
     # robosuite env underneath it (LIBERO's `obj_body_id` / `obj_of_interest`).
@@ -121,8 +147,11 @@ def scripted_rollout(env, obs, task_index: int, max_frames: int) -> tuple[Episod
                 if np.linalg.norm(error) < tol:
                     return
                 action[:3] = np.clip(error * 20.0, -1.0, 1.0)
-            frames.append((obs, action))
-            obs, done = env.step(action)
+            frames.append((obs, action))  # the clean command is the label
+            executed = action.copy()
+            if target is not None and noise is not None:
+                executed[:3] = np.clip(action[:3] + noise(error), -1.0, 1.0)
+            obs, done = env.step(executed)
 
     bowl = body_pos(bowl_name) + RIM_OFFSET
     act(bowl + [0, 0, 0.15], -1.0, 60)
@@ -268,7 +297,8 @@ def _run_attempts(out_dir: pathlib.Path, config: RecordConfig, state: dict[int, 
 
         def fill() -> None:
             while len(futures) < workers and (ta := next_attempt(futures)) is not None:
-                futures[pool.submit(run_attempt, ta[0], attempt_seed(config.seed, *ta), config.max_frames)] = ta
+                futures[pool.submit(run_attempt, ta[0], attempt_seed(config.seed, *ta), config.max_frames,
+                                    config.action_noise)] = ta
 
         fill()
         while futures:
