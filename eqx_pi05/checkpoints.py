@@ -18,6 +18,10 @@ Trainer layout: orbax CheckpointManager under OUTPUT_DIR/checkpoints/<step>/ wit
              from those paths, so replacing a file there cannot change an evaluated policy
     checksums  {item: {leaf path: checksum of its bits}} of params, ema and train
 
+A policy-only copy (`export_policy`, for committing or shipping a trained policy) keeps one step dir
+with `params` (the weights to evaluate, e.g. the EMA combined with the frozen leaves), config,
+assets, checksums and `export` ({source, params}); no optimizer state, data iterator or second copy.
+
 <step> is the number of completed steps. orbax writes into a temporary directory and renames it
 when complete, so a killed save leaves the previous checkpoint the latest; saves run in the
 background (`async_checkpoint`), and keep the newest `keep_checkpoints` (2 by default, so a
@@ -34,6 +38,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import shutil
 
 import equinox as eqx
 import jax
@@ -291,12 +296,23 @@ def read_assets(path: str | pathlib.Path, from_config_paths: bool = False) -> Po
     return PolicyAssets(stats, proto, data["tokenizer_source"], data["action_dim"], "checkpoint")
 
 
+def exported(path: str | pathlib.Path) -> dict | None:
+    """The `export` item ({source, params}) of a policy-only checkpoint; None for a trainer checkpoint."""
+    directory = step_dir(path)
+    return ocp.JsonCheckpointHandler().restore(directory / "export") if (directory / "export").is_dir() else None
+
+
 def load_trained(path: str | pathlib.Path, params: str = "ema") -> tuple[Pi05, TrainConfig]:
     """(model, run config) of a train.py checkpoint on one device; `params`: "ema" (default, the
-    EMA weights as openpi evaluates; falls back to the raw params when the run kept no EMA) or "params"."""
+    EMA weights as openpi evaluates; falls back to the raw params when the run kept no EMA) or "params".
+    A policy-only export holds one set of weights: asking for the other is an error."""
     if params not in ("ema", "params"):
         raise ValueError(f"params: expected 'ema' or 'params', got {params!r}")
     directory = step_dir(path)
+    export = exported(directory)
+    if export is not None and export["params"] != params:
+        raise ValueError(f"{directory}: a policy-only export of {export['source']} that holds its {export['params']} "
+                         f"weights only, not its {params}")
     cfg = read_config(directory)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     on_device = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)  # noqa: E731
@@ -317,3 +333,37 @@ def _read(ckptr: ocp.StandardCheckpointer, directory: pathlib.Path, name: str, t
         raise CorruptCheckpoint(f"checkpoint {directory}: {name} cannot be read ({type(err).__name__}: {str(err)[:300]})") from None
     verify(directory, name, tree)
     return tree
+
+
+def export_policy(src: str | pathlib.Path, dst: str | pathlib.Path, params: str = "ema") -> pathlib.Path:
+    """Write the policy of train.py checkpoint `src` (a run dir, its checkpoints/ or a step dir) to the
+    new directory `dst`: dst/<step>/ with `params` (the `params` weights: "ema" combined with the frozen
+    leaves, or the raw params), config, assets, checksums and `export`. `evaluate.py --checkpoint dst`
+    and `serve` read it like the run; what only resuming training needs (optimizer state, data
+    iterator, the other weights) is left out. Returns the step dir written. Refuses an existing `dst`."""
+    dst = pathlib.Path(dst).absolute()
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists: an export writes a new directory (remove it or choose another)")
+    directory = step_dir(src)
+    if not (directory / "assets").is_dir():
+        raise FileNotFoundError(f"{directory}: no 'assets' item (norm stats + tokenizer): a policy without them "
+                                "cannot be evaluated from the export alone")
+    model, _ = load_trained(directory, params)  # verified against the source's checksums
+    if params == "ema" and not (directory / "ema").is_dir():
+        raise FileNotFoundError(f"{directory}: the run kept no EMA (ema_decay=None); export with params='params'")
+    out = dst / directory.name
+    out.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out / "params", model)
+    for item in ("config", "assets"):
+        shutil.copytree(directory / item, out / item)
+    for item, value in (("checksums", {"params": checksums(model)[0]}), ("export", {"source": str(directory), "params": params})):
+        (out / item).mkdir()
+        ocp.JsonCheckpointHandler().save(out / item, args=ocp.args.JsonSave(value))
+    return out
+
+
+if __name__ == "__main__":  # python -m eqx_pi05.checkpoints --src RUN_DIR --dst EXPORT_DIR [--params ema]
+    import tyro
+
+    print(f"wrote {tyro.cli(export_policy)}")

@@ -165,6 +165,30 @@ def test_replacing_the_configs_norm_stats_and_tokenizer_files_does_not_change_th
         tokenizer_file.write_bytes(saved[1])
 
 
+def test_a_policy_only_export_evaluates_like_its_run_and_holds_only_what_the_policy_needs(run_dir, tmp_path):
+    step = checkpoints.step_dir(run_dir)
+    out = checkpoints.export_policy(run_dir, tmp_path / "export")
+    assert out == tmp_path / "export" / step.name
+    assert sorted(p.name for p in out.iterdir()) == ["assets", "checksums", "config", "export", "params"]
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    assert size(out) < 0.6 * size(step)  # no optimizer moments, no second copy of the weights
+    run_policy, run_info = load_policy(run_dir)
+    policy, info = load_policy(tmp_path / "export")
+    np.testing.assert_array_equal(policy([_observation()]), run_policy([_observation()]))  # the EMA weights, bit for bit
+    assert info.checkpoint.endswith("(ema)") and info.assets == run_info.assets and info.variant == run_info.variant
+    with pytest.raises(ValueError, match="holds its ema weights only, not its params"):
+        load_policy(tmp_path / "export", params="params")
+    with pytest.raises(FileExistsError, match="exists"):
+        checkpoints.export_policy(run_dir, tmp_path / "export")  # never written over
+    raw = checkpoints.export_policy(run_dir, tmp_path / "raw", params="params")
+    np.testing.assert_array_equal(load_policy(raw, params="params")[0]([_observation()]),
+                                  load_policy(run_dir, params="params")[0]([_observation()]))
+    leaf = max((f for f in (out / "params").rglob("*") if f.is_file() and "d" in f.parent.name), key=lambda f: f.stat().st_size)
+    leaf.write_bytes(leaf.read_bytes()[:-7] + b"garbage")  # a damaged export is found, not evaluated
+    with pytest.raises(checkpoints.CorruptCheckpoint):
+        load_policy(tmp_path / "export")
+
+
 def test_checkpoint_without_assets_is_an_error_unless_told_to_read_the_config_paths(run_dir, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(checkpoints.step_dir(run_dir), old)

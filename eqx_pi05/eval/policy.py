@@ -108,12 +108,13 @@ def load_policy(
     chain and eval-time camera removal of its training config (`eval_view` for view_dropout
     variants), norm stats and tokenizer from the checkpoint's assets (`assets_from_config`: from the
     paths its config names, for a checkpoint written before train.py stored them)."""
-    from eqx_pi05.checkpoints import load_trained, read_assets, step_dir  # noqa: PLC0415 - orbax only here
+    from eqx_pi05.checkpoints import exported, load_trained, read_assets, step_dir  # noqa: PLC0415 - orbax only here
 
     directory = step_dir(checkpoint)
     assets = read_assets(directory, from_config_paths=assets_from_config)
     model, cfg = load_trained(directory, params=params)
-    used = "ema" if params == "ema" and (directory / "ema").is_dir() else "params"
+    export = exported(directory)
+    used = export["params"] if export else "ema" if params == "ema" and (directory / "ema").is_dir() else "params"
     if used != params:
         log.warning("%s: the run kept no EMA (ema_decay=None), evaluating its raw params", directory)
     if assets.origin != "checkpoint":
