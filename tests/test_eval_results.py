@@ -157,16 +157,52 @@ def test_report_builds_the_results_table_from_several_runs(tmp_path):
 
 def test_evaluate_py_runs_with_an_injected_policy_and_refuses_half_an_injection(tmp_path):
     cli = _cli()
-    args = cli.Args(checkpoint=tmp_path / "ckpt", n=2, output_dir=tmp_path / "out", max_steps=5, videos=0)
+    flags = ["--checkpoint", str(tmp_path / "ckpt"), "--n", "2", "--max-steps", "5", "--videos", "0"]
+    args = cli.parse([*flags, "--output-dir", str(tmp_path / "out")])
     res = cli.main(args, wrist_only_policy, REMOVE, tasks=TASKS, make_env=FakeEnv)
     assert res["total"]["episodes"] == 2
     with pytest.raises(ValueError, match="both"):
         cli.main(args, wrist_only_policy, None)
-    sub = cli.main(cli.Args(checkpoint=tmp_path / "ckpt", n=2, output_dir=tmp_path / "sub", max_steps=5, videos=0,
-                            tasks="1"), wrist_only_policy, REMOVE, tasks=TASKS, make_env=FakeEnv)
+    sub = cli.main(cli.parse([*flags, "--output-dir", str(tmp_path / "sub"), "--tasks", "1"]), wrist_only_policy, REMOVE,
+                   tasks=TASKS, make_env=FakeEnv)
     assert [(row["task"], row["episodes"]) for row in sub["per_task"]] == [(1, 2)]
-    with pytest.raises(ValueError, match="comma-separated task indices"):
-        cli.Args(checkpoint=tmp_path / "ckpt", tasks="0;1").config()
+
+
+def test_evaluate_py_flags_keep_their_names_and_fill_evalconfig():
+    """Every flag of the README, experiments/closed_loop/run.sh and the docs, by name; --tasks in the
+    script's comma form and space-separated."""
+    cli = _cli()
+    args = cli.parse(["--checkpoint", "runs/B2/checkpoints/500", "--tasks", "0,1,2", "--n", "150", "--num-envs", "2",
+                      "--output-dir", "out", "--eval-view", "real", "--suite", "libero_goal", "--max-steps", "9",
+                      "--videos", "1", "--seed", "3", "--params", "params", "--policy-batch", "4",
+                      "--assets-from-config", "--verbose"])
+    episodes = EvalConfig(n=150, suite="libero_goal", output_dir=pathlib.Path("out"), num_envs=2, max_steps=9, videos=1,
+                          seed=3, tasks=(0, 1, 2))
+    assert args == cli.Args(checkpoint=pathlib.Path("runs/B2/checkpoints/500"), eval=episodes, params="params",
+                            eval_view="real", policy_batch=4, assets_from_config=True, verbose=True)
+    assert args.config() == episodes
+    assert cli.parse(["--checkpoint", "c", "--tasks", "2", "0"]).eval.tasks == (2, 0)
+    assert cli.parse(["--checkpoint", "c", "--tasks", "3"]).eval.tasks == (3,)
+    default = cli.parse(["--checkpoint", "runs/B2/checkpoints/500"])
+    assert default.eval == EvalConfig() and default.params == "ema" and default.eval_view == "deployed"
+    assert default.config() == EvalConfig(output_dir=pathlib.Path("outputs/eval/B2_step500_libero_spatial"))
+    assert cli.parse(["--checkpoint", "runs/B2", "--suite", "libero_10"]).config().output_dir == \
+        pathlib.Path("outputs/eval/B2_libero_10")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks", "0;1"], "--tasks '0;1': expected task indices"),
+    (["--tasks", "1,1"], "--tasks: expected distinct task indices >= 0, got (1, 1)"),
+    (["--n", "0"], "--n 0: expected >= 1"),
+    (["--num-envs", "0"], "--num-envs 0: expected >= 1"),
+    (["--videos", "-1"], "--videos -1: expected >= 0"),
+    (["--max-steps", "0"], "--max-steps 0: expected >= 1"),
+])
+def test_evaluate_py_refuses_a_bad_flag_at_start_naming_it_and_its_value(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _cli().parse(["--checkpoint", "c", *flags])
+    assert exit_.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.replace("│", " ").split())  # tyro's box wraps long lines
 
 
 def test_tasks_selects_a_subset_of_the_suite_and_n_is_spread_over_it(tmp_path):
@@ -241,11 +277,12 @@ def _cli(monkeypatch=None):
 
 def test_an_impossible_n_is_refused_before_the_model_loads_and_leaves_nothing_behind(tmp_path, monkeypatch):
     cli = _cli(monkeypatch)
-    too_many = cli.Args(checkpoint=tmp_path / "ckpt", n=100000, output_dir=tmp_path / "out", max_steps=5, videos=0)
+    flags = ["--checkpoint", str(tmp_path / "ckpt"), "--output-dir", str(tmp_path / "out"), "--max-steps", "5", "--videos", "0"]
+    too_many = cli.parse([*flags, "--n", "100000"])
     with pytest.raises(ValueError, match=r"n=100000 over 3 tasks needs 33334 trials per task"):
         cli.main(too_many, tasks=TASKS, make_env=FakeEnv)
     assert not (tmp_path / "out").exists()
-    ok = cli.Args(checkpoint=tmp_path / "ckpt", n=2, output_dir=tmp_path / "out", max_steps=5, videos=0)
+    ok = cli.parse([*flags, "--n", "2"])
     assert cli.main(ok, wrist_only_policy, REMOVE, tasks=TASKS, make_env=FakeEnv)["total"]["episodes"] == 2
 
 
@@ -255,7 +292,8 @@ def test_a_second_evaluation_of_a_directory_in_use_is_refused_before_the_model_l
     from eqx_pi05.lock import DirectoryInUse
 
     cli = _cli(monkeypatch)
-    args = cli.Args(checkpoint=tmp_path / "ckpt", n=2, output_dir=tmp_path / "out", max_steps=5, videos=0)
+    args = cli.parse(["--checkpoint", str(tmp_path / "ckpt"), "--n", "2", "--output-dir", str(tmp_path / "out"),
+                      "--max-steps", "5", "--videos", "0"])
     with lock_held_by_another_process(tmp_path / "out", "evaluate.py B2") as holder:
         with pytest.raises(DirectoryInUse, match=rf"in use by evaluate.py B2 \(pid {holder.pid} on host"):
             cli.main(args, tasks=TASKS, make_env=FakeEnv)

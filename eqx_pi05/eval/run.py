@@ -14,7 +14,9 @@ import logging
 import pathlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Annotated
 
+import tyro
 from tqdm import tqdm
 
 from eqx_pi05 import lock
@@ -27,24 +29,45 @@ from eqx_pi05.eval.rollout import MAX_STEPS, Env, EpisodeResult, Policy, noise_s
 log = logging.getLogger("eqx_pi05.eval")
 
 
+def _task_indices(words: list[str]) -> tuple[int, ...] | None:
+    """`--tasks 0,3,7` (experiments/closed_loop/run.sh's form), `--tasks 0 3 7`, or `--tasks None`."""
+    if words == ["None"]:
+        return None
+    try:
+        return tuple(int(i) for word in words for i in word.split(","))
+    except ValueError:
+        raise ValueError(f"--tasks {' '.join(words)!r}: expected task indices, e.g. 0 or 0,3,7 or 0 3 7") from None
+
+
+TaskIndices = Annotated[tuple[int, ...] | None, tyro.constructors.PrimitiveConstructorSpec(
+    nargs="*", metavar="{None}|INT[,INT...]", instance_from_str=_task_indices,
+    is_instance=lambda x: x is None or isinstance(x, tuple),
+    str_from_instance=lambda x: [str(x) if x is None else ",".join(map(str, x))])]
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """LIBERO evaluation with openpi's protocol (SPEC.md §4)."""
+    """LIBERO evaluation with openpi's protocol (SPEC.md §4). evaluate.py's flags are these fields."""
 
-    # Episodes in all, spread evenly over the suite's tasks (500 -> 10 tasks x 50 trials).
+    # Episodes in all, spread evenly over the suite's tasks (500 -> 10 tasks x 50 trials); below the
+    # number of tasks, only the first n tasks are evaluated (one episode each).
     n: int = 500
-    suite: str = "libero_spatial"
-    output_dir: pathlib.Path = pathlib.Path("outputs/eval")
+    # LIBERO task suite.
+    suite: sim.Suite = "libero_spatial"
+    # None: evaluate.py names it outputs/eval/<run name>[_step<N>]_<suite> after the checkpoint.
+    output_dir: pathlib.Path | None = None
     # Simulator worker processes whose observations share one policy call (1: all in this process).
     num_envs: int = 1
     # Policy steps per episode after the 10 settle steps; None: the suite's (spatial 220, object 280,
     # goal 300, libero_10 520, libero_90 400).
     max_steps: int | None = None
-    # Episodes recorded as MP4 (the first trials of the first tasks).
+    # Episodes recorded as MP4 (agentview | wrist, a removed camera greyed; the first trials of the first tasks).
     videos: int = 4
+    # Env seed (the reference's 7); also part of the output directory's identity for resuming.
     seed: int = sim.ENV_SEED
-    # Task indices of the suite to evaluate (None: all); `n` is spread over them.
-    tasks: tuple[int, ...] | None = None
+    # Task indices of the suite to evaluate, comma- or space-separated ("0" or "0,3,7"); None: all. --n is
+    # spread over them.
+    tasks: TaskIndices = None
 
     def __post_init__(self):
         if self.tasks is not None and (not self.tasks or len(set(self.tasks)) != len(self.tasks) or min(self.tasks) < 0):
@@ -52,8 +75,10 @@ class EvalConfig:
         if self.suite not in MAX_STEPS and self.max_steps is None:
             raise ValueError(f"suite {self.suite!r}: no default max_steps, expected one of {list(MAX_STEPS)} "
                              "or an explicit --max-steps")
-        if self.n < 1 or self.num_envs < 1 or self.videos < 0 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError(f"EvalConfig: expected n >= 1, num_envs >= 1, videos >= 0, max_steps >= 1; got {self}")
+        for flag, value, low in (("--n", self.n, 1), ("--num-envs", self.num_envs, 1), ("--videos", self.videos, 0),
+                                 ("--max-steps", self.max_steps, 1)):
+            if value is not None and value < low:
+                raise ValueError(f"{flag} {value}: expected >= {low}")
 
     @property
     def steps(self) -> int:
@@ -156,6 +181,8 @@ def evaluate(
 
     `tasks` / `make_env` default to the real suite and sim.LiberoEnv (tests pass the fake simulator).
     """
+    if config.output_dir is None:
+        raise ValueError("EvalConfig.output_dir: None; evaluate() writes into a given directory (evaluate.py names one)")
     out = pathlib.Path(config.output_dir)
     tasks, _, planned = plan(config, tasks, make_env)
     identity = {"suite": config.suite, "n": config.n, "max_steps": config.steps, "seed": config.seed,

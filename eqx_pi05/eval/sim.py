@@ -24,14 +24,15 @@ import dataclasses
 import io
 import math
 import os
-from typing import TypedDict
+from typing import Literal, TypedDict, get_args
 
 import numpy as np
 from jaxtyping import Float, UInt8
 
 from eqx_pi05.cameras import CAMERAS
 
-SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+Suite = Literal["libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"]
+SUITES: tuple[str, ...] = get_args(Suite)
 RESOLUTION = 256
 ENV_SEED = 7
 # Our camera name -> robosuite's camera and observation key. Rendering is ~95 % of a CPU step, so an
