@@ -3,14 +3,15 @@
     python train.py --variant NAME [--preset demo|closed_loop] [--num-train-steps N] [--output-dir DIR] [--resume]
                     [any field of the variant's TrainConfig: --distill.lam 0.5, --data.batch-size 64, ...]
 
-`python train.py --help` lists the variants and the common flags; `python train.py --variant NAME
+`--variant NAME --preset P` is tyro's subcommand `NAME_P` (`python train.py NAME_P ...` is the same
+command): one named config per variant and per variant on a preset, tyro.extras.overridable_config_cli
+over them. `python train.py --help` lists them and the common flags; `python train.py --variant NAME
 --help` every field of that variant with its value. Before anything is built, every input the run
 reads is checked and all the missing ones are listed at once, each with the command that gets it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
@@ -25,11 +26,22 @@ from eqx_pi05.variants import SUMMARIES, VARIANTS, TrainConfig, closed_loop, dem
 
 DEMO_DATA = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "eqx_pi05" / "demo_dataset"
 
+# --preset P: the variant's config on a smaller model and local data (eqx_pi05.variants), the subcommand NAME_P.
+PRESETS = {
+    "demo": ("the tiny model on the synthetic demo dataset: the whole path on a CPU in minutes",
+             lambda cfg: demo(cfg, DEMO_DATA)),
+    "closed_loop": ("a small from-scratch model on recorded LIBERO demos in data/closed_loop (experiments/closed_loop)",
+                    closed_loop),
+}
+# name -> (the line `--help` shows, the config): the variants first, then each preset of each.
+CONFIGS: dict[str, tuple[str, TrainConfig]] = {name: (SUMMARIES[name], cfg) for name, cfg in VARIANTS.items()} | {
+    f"{name}_{preset}": (f"--variant {name} --preset {preset}", apply(cfg))
+    for preset, (_, apply) in PRESETS.items() for name, cfg in VARIANTS.items()
+}
 
 # The flags most runs touch (every field is a flag: `--variant NAME --help` lists them all).
 COMMON_FLAGS = (
-    ("--preset demo", "the tiny model on the synthetic demo dataset: the whole path on a CPU in minutes"),
-    ("--preset closed_loop", "a small from-scratch model on recorded LIBERO demos in data/closed_loop (experiments/closed_loop)"),
+    *((f"--preset {preset}", text) for preset, (text, _) in PRESETS.items()),
     ("--num-train-steps N", "steps to train (a --resume may extend them)"),
     ("--output-dir DIR", "where the run goes (default outputs/NAME; the demo: outputs/NAME_demo)"),
     ("--resume", "continue the run in --output-dir from its latest checkpoint"),
@@ -47,35 +59,33 @@ COMMON_FLAGS = (
 )
 
 
-def overview() -> str:
-    """`python train.py --help`: the variants, one line each, and the common flags."""
-    width = max(map(len, VARIANTS)) + 2
-    lines = ["usage: python train.py --variant NAME [--preset demo|closed_loop] [flags]", "", "variants:"]
-    lines += [f"  {name:<{width}}{SUMMARIES[name]}" for name in VARIANTS]
-    lines += ["", "common flags:"]
+def _description() -> str:
+    """The top of `python train.py --help`; tyro lists the configs below it."""
     width = max(len(flag) for flag, _ in COMMON_FLAGS) + 2
-    lines += [f"  {flag:<{width}}{text}" for flag, text in COMMON_FLAGS]
-    lines += ["", "python train.py --variant NAME --help lists every field of that variant with its value."]
-    return "\n".join(lines)
+    return "\n".join([
+        "python train.py --variant NAME [--preset demo|closed_loop] [flags], or the same as a subcommand: "
+        "python train.py NAME[_PRESET] [flags]. `--variant NAME --help` lists every field of NAME with its value.",
+        "", "common flags:", *(f"  {flag:<{width}}{text}" for flag, text in COMMON_FLAGS)])
+
+
+def _subcommand_form(argv: list[str]) -> list[str]:
+    """`--variant NAME [--preset P]` anywhere in `argv` (the README's and the scripts' form) as tyro's
+    subcommand `NAME[_P]` in front of the other flags; without --variant, `argv` as it is."""
+    picked, rest, words = {}, [], iter(argv)
+    for word in words:
+        flag, eq, value = word.partition("=")
+        if flag in ("--variant", "--preset"):
+            picked[flag] = value if eq else next(words, "")
+        else:
+            rest.append(word)
+    if "--variant" not in picked:
+        return argv
+    return [picked["--variant"] + (f"_{picked['--preset']}" if "--preset" in picked else ""), *rest]
 
 
 def parse(argv: list[str]) -> TrainConfig:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--variant", choices=sorted(VARIANTS), default=None)
-    pre.add_argument("--preset", choices=["demo", "closed_loop"], default=None)
-    known, rest = pre.parse_known_args(argv)
-    if known.variant is None:
-        if {"-h", "--help"} & set(rest):
-            print(overview())
-            sys.exit(0)
-        pre.error(f"--variant is required: one of {', '.join(VARIANTS)} (python train.py --help describes them)")
-    default = VARIANTS[known.variant]
-    if known.preset == "demo":
-        default = demo(default, DEMO_DATA)
-    elif known.preset == "closed_loop":
-        default = closed_loop(default)
-    return tyro.cli(TrainConfig, default=default, args=rest, config=(tyro.conf.AvoidSubcommands,),
-                    prog=f"train.py --variant {known.variant}" + (f" --preset {known.preset}" if known.preset else ""))
+    return tyro.extras.overridable_config_cli(CONFIGS, prog="train.py", description=_description(),
+                                              args=_subcommand_form(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from conftest import REPO
 
 from eqx_pi05 import preflight
 from eqx_pi05.data import hub
-from eqx_pi05.variants import VARIANTS, demo, to_json
+from eqx_pi05.variants import SUMMARIES, VARIANTS, demo, to_json
 
 B5 = VARIANTS["curric_selfdistill"]
 
@@ -222,14 +222,20 @@ def test_evaluation_names_a_missing_simulator_extra_and_an_unusable_mujoco_gl(mo
     assert "DISPLAY" in preflight.simulator_inputs()[1].expected
 
 
-def test_train_py_help_lists_every_variant_in_one_line_and_common_flags_that_exist():
+def test_train_py_help_lists_every_variant_with_its_summary_and_common_flags_that_exist():
     import train as train_cli
 
-    overview = run([str(REPO / "train.py"), "--help"], cwd=REPO)
+    overview = run([str(REPO / "train.py"), "--help"], cwd=REPO, COLUMNS="200")
     assert overview.returncode == 0
-    lines = overview.stdout.splitlines()
-    for name in VARIANTS:
-        assert sum(line.split()[:1] == [name] for line in lines) == 1, name
+    # tyro's subcommand box: "│   • NAME" then "│       SUMMARY"; the common flags above it, one a line.
+    lines = [" ".join(line.strip("│ ").removeprefix("• ").split()) for line in overview.stdout.splitlines()]
+    for name, summary in SUMMARIES.items():
+        assert lines.count(name) == 1 and lines[lines.index(name) + 1] == summary, name
+        for preset in ("demo", "closed_loop"):
+            entry = f"{name}_{preset}"
+            assert lines.count(entry) == 1 and lines[lines.index(entry) + 1] == f"--variant {name} --preset {preset}"
+    for flag, text in train_cli.COMMON_FLAGS:
+        assert f"{flag} {text}" in lines, flag
     full = run([str(REPO / "train.py"), "--variant", "pi05_libero", "--help"], cwd=REPO).stdout
     for flag, _ in train_cli.COMMON_FLAGS:
         assert flag.split()[0] in full or flag.split()[0] in ("--preset", "--verbose"), flag

@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+import tyro
 
 from eqx_pi05.cameras import CameraProbs, ViewDropoutConfig, ViewRemoveConfig
 from eqx_pi05.loss import curriculum_p
-from eqx_pi05.variants import VARIANTS, DistillConfig, demo, from_json, to_json
+from eqx_pi05.variants import VARIANTS, DistillConfig, TrainConfig, closed_loop, demo, from_json, to_json
 from eqx_pi05.train.metrics import MetricsLog, read
 from eqx_pi05.train.optimizer import lr_schedule
 
@@ -106,6 +107,24 @@ def test_cli_builds_the_variant_with_preset_and_overrides():
         train_cli.parse(["--preset", "demo"])  # no variant
     with pytest.raises(SystemExit):
         train_cli.parse(["--variant", "curric_selfdistill", "--distill.lam", "x"])
+
+
+@pytest.mark.parametrize("preset", [None, "demo", "closed_loop"])
+def test_cli_gives_every_variant_on_every_preset_as_the_preset_builds_it_and_overrides_win(preset):
+    """`--variant NAME [--preset P]` and tyro's subcommand `NAME[_P]` give the config the preset function
+    builds from the variant; flags override its fields exactly as tyro.cli(TrainConfig, default=...),
+    the pre-parser train.py had before overridable_config_cli, applied them."""
+    build = {None: lambda cfg: cfg, "demo": lambda cfg: demo(cfg, train_cli.DEMO_DATA), "closed_loop": closed_loop}[preset]
+    flags = ["--preset", preset] if preset else []
+    overrides = ["--num-train-steps", "3", "--lr.warmup-steps", "1", "--lr.decay-steps", "3", "--seed", "5"]
+    for name, variant in VARIANTS.items():
+        want = build(variant)
+        assert train_cli.parse(["--variant", name, *flags]) == want, name
+        old = tyro.cli(TrainConfig, default=want, args=overrides, config=(tyro.conf.AvoidSubcommands,))
+        lr = dataclasses.replace(want.lr, warmup_steps=1, decay_steps=3)
+        assert old == dataclasses.replace(want, num_train_steps=3, lr=lr, seed=5)
+        assert train_cli.parse([*overrides, *flags, f"--variant={name}"]) == old, name  # flags in any order
+        assert train_cli.parse([name + (f"_{preset}" if preset else ""), *overrides]) == old, name
 
 
 def test_metrics_log_writes_one_json_line_per_step_and_wandb_offline(tmp_path):
