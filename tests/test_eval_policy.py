@@ -183,8 +183,10 @@ def test_a_policy_only_export_evaluates_like_its_run_and_holds_only_what_the_pol
     raw = checkpoints.export_policy(run_dir, tmp_path / "raw", params="params")
     np.testing.assert_array_equal(load_policy(raw, params="params")[0]([_observation()]),
                                   load_policy(run_dir, params="params")[0]([_observation()]))
-    leaf = max((f for f in (out / "params").rglob("*") if f.is_file() and "d" in f.parent.name), key=lambda f: f.stat().st_size)
-    leaf.write_bytes(leaf.read_bytes()[:-7] + b"garbage")  # a damaged export is found, not evaluated
+    leaf = max((f for f in (out / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    data = bytearray(leaf.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 100] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 100])
+    leaf.write_bytes(bytes(data))  # a damaged export is found, not evaluated
     with pytest.raises(checkpoints.CorruptCheckpoint):
         load_policy(tmp_path / "export")
 
