@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: abstract inputs, XLA cost analysis with the loop correction, timing."""
+"""Shared by the benchmarks: camera sets, XLA cost analysis with the loop correction, timing (batches: batches.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from eqx_pi05.cameras import SLOTS
@@ -27,18 +26,6 @@ CAMERA_SETS = {
     "wrist-only masked": SLOTS,
     "wrist-only compacted": SLOTS[1:2],
 }
-
-
-def abstract_batch(config: Pi05Config, batch: int, cameras: Sequence[str]) -> dict:
-    """ShapeDtypeStructs in the data pipeline's layout (float images, as the model sees them)."""
-    s, img = config.max_token_len, jax.ShapeDtypeStruct((batch, config.siglip.image_size, config.siglip.image_size, 3), jnp.float32)
-    return dict(
-        images={k: img for k in cameras},
-        image_masks={k: jax.ShapeDtypeStruct((batch,), bool) for k in cameras},
-        state=jax.ShapeDtypeStruct((batch, 32), jnp.float32),
-        tokenized_prompt=jax.ShapeDtypeStruct((batch, s), jnp.int32),
-        tokenized_prompt_mask=jax.ShapeDtypeStruct((batch, s), bool),
-    )
 
 
 def compile_abstract(fn: Callable, config: Pi05Config, *args):

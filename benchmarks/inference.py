@@ -23,29 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CAMERA_SETS, abstract_batch, compile_abstract, corrected_flops, median_ms, memory, read, write  # noqa: E402
+from batches import abstract_batch, random_batch  # noqa: E402
+from common import CAMERA_SETS, compile_abstract, corrected_flops, median_ms, memory, read, write  # noqa: E402
 
-from eqx_pi05.cameras import SLOTS, compact  # noqa: E402
+from eqx_pi05.cameras import compact  # noqa: E402
 from eqx_pi05.config import pi05_full, pi05_tiny  # noqa: E402
 from eqx_pi05.model import Observation, Pi05, sample_actions  # noqa: E402
 
 OPENPI_TFLOPS = 4.75  # openpi's sample_actions at batch 1, prompt 200, measured the same way
+PROMPT_LEN = 20  # (a)'s valid prompt tokens (LIBERO's prompts are 15-21 tokens)
 MASKS = {
     "both-cam": {"base_0_rgb": True, "left_wrist_0_rgb": True, "right_wrist_0_rgb": False},
     "wrist-only": {"base_0_rgb": False, "left_wrist_0_rgb": True, "right_wrist_0_rgb": False},
 }
-
-
-def tiny_batch(config, batch, masks, seed=0):
-    rng = np.random.default_rng(seed)
-    s = config.siglip.image_size
-    return {
-        "image": {k: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for k in SLOTS},
-        "image_mask": {k: np.full(batch, masks[k]) for k in SLOTS},
-        "state": np.zeros((batch, 32), np.float32),
-        "tokenized_prompt": np.ones((batch, config.max_token_len), np.int32),
-        "tokenized_prompt_mask": np.arange(config.max_token_len)[None].repeat(batch, 0) < 20,
-    }
 
 
 def tiny_rows(runs: int) -> list[dict]:
@@ -55,7 +45,7 @@ def tiny_rows(runs: int) -> list[dict]:
     for batch in (1, 8):
         noise = jnp.asarray(np.random.default_rng(1).normal(size=(batch, config.action_horizon, 32)), jnp.float32)
         for variant, masks in MASKS.items():
-            full = tiny_batch(config, batch, masks)
+            full = random_batch(config, batch, masks=masks, prompt_len=PROMPT_LEN)
             res = {}
             for mode, b in (("masked", full), ("compacted", compact(full))):
                 obs = Observation.from_batch(b)
@@ -79,16 +69,13 @@ def full_rows(prompt_len: int) -> list[dict]:
     config = dataclasses.replace(pi05_full(max_token_len=prompt_len), remat=False)
     noise = jax.ShapeDtypeStruct((1, config.action_horizon, 32), jnp.float32)
 
-    def fn(model, fields, noise):
-        return sample_actions(model, Observation(**fields), noise)
-
     rows = []
     for name, cams in CAMERA_SETS.items():
         if prompt_len != 200 and "masked" in name:
             continue
-        fields = abstract_batch(config, 1, cams)
-        flops = corrected_flops(fn, config, fields, noise)
-        mem = memory(compile_abstract(fn, config, fields, noise))
+        obs = jax.eval_shape(Observation.from_batch, abstract_batch(config, 1, cams))  # float images, as the model sees them
+        flops = corrected_flops(sample_actions, config, obs, noise)
+        mem = memory(compile_abstract(sample_actions, config, obs, noise))
         rows.append(dict(name=name, cameras="wrist" if name.startswith("wrist") else "both", prompt_len=prompt_len, batch=1,
                          slots=list(cams), tflops=flops["flops"] / 1e12, tflops_per_sample=flops["flops"] / 1e12,
                          vs_openpi=flops["flops"] / 1e12 / OPENPI_TFLOPS, **mem))

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from batches import abstract_batch, random_batch  # noqa: E402
 from common import corrected_flops, memory, read, write  # noqa: E402
 
 from eqx_pi05.cameras import SLOTS  # noqa: E402
@@ -55,6 +56,7 @@ from eqx_pi05.train.step import StepConfig, abstract, loss_and_grads, make_train
 
 H100_GIB = 80e9 / 2**30
 OPENPI_TFLOPS_PER_SAMPLE = 17.35  # openpi pi05_libero loss + grad, measured the same way (issue 14)
+PROMPT_LEN = 20  # (a)'s valid prompt tokens (LIBERO's prompts are 15-21 tokens)
 AGENT, WRIST, PAD = SLOTS
 
 
@@ -83,24 +85,6 @@ CASES = {
 }
 
 
-def batch_arrays(config, b: int, form: Form, abstract_only: bool = False):
-    """The step's batch in the pipeline's layout (uint8 images), concrete or as ShapeDtypeStructs, its
-    prompt `config.max_token_len` wide (the trimmed width when that is a bucket). Concrete batches
-    share their values across formulations (only the slot set and masks differ)."""
-    s, n, h = config.siglip.image_size, config.max_token_len, config.action_horizon
-    spec = dict(image={k: ((b, s, s, 3), np.uint8) for k in form.slots}, image_mask={k: ((b,), bool) for k in form.slots},
-                state=((b, 32), np.float32), tokenized_prompt=((b, n), np.int32), tokenized_prompt_mask=((b, n), bool),
-                actions=((b, h, 32), np.float32))
-    if abstract_only:
-        is_spec = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)  # noqa: E731
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(*x), spec, is_leaf=is_spec)
-    rng = np.random.default_rng(0)
-    images = {k: rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8) for k in SLOTS}
-    return dict(image={k: images[k] for k in form.slots}, image_mask={k: np.full(b, k not in form.masked) for k in form.slots},
-                state=rng.normal(size=(b, 32)).astype(np.float32), tokenized_prompt=rng.integers(1, 100, (b, n)).astype(np.int32),
-                tokenized_prompt_mask=np.arange(n)[None].repeat(b, 0) < 20, actions=rng.normal(size=(b, h, 32)).astype(np.float32))
-
-
 def step_config(variant: str, form: Form, ema: bool = True) -> StepConfig:
     cfg = dataclasses.replace(VARIANTS[variant], ema_decay=0.999 if ema else None)
     return dataclasses.replace(StepConfig.of(cfg), group_student=form.group_student)
@@ -116,7 +100,9 @@ def tiny_rows(runs: int, model: str) -> list[dict]:
             state = jax.jit(lambda: init_state(Pi05(model_cfg, key=jax.random.key(0)), make_optimizer(cfg.lr, cfg.optimizer),
                                                ema=True, seed=0))()
             state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-            batch = global_batch(batch_arrays(model_cfg, 8, form), mesh)
+            # one seed: every formulation sees the same values (only the slot set and masks differ)
+            masks = {k: k not in form.masked for k in form.slots}
+            batch = global_batch(random_batch(model_cfg, 8, masks=masks, slots=form.slots, prompt_len=PROMPT_LEN), mesh)
             step = make_train_step(step_config(variant, form), mesh, abstract(state), 0)
             t0 = time.perf_counter()
             state, m = step(state, batch, np.float32(p), None, form.drop_student)
@@ -163,7 +149,7 @@ def step_memory(config, variant: str, form: Form, b: int, ema: bool, grad_accum_
     state = jax.eval_shape(lambda m: init_state(m, optimizer, ema=ema, seed=0), abstract_model(config))
     step_cfg = dataclasses.replace(step_config(variant, form, ema), optimizer=cfg.optimizer, grad_accum_steps=grad_accum_steps)
     step = jax.jit(lambda s, bt, p_: train_step(s, bt, p_, None, form.drop_student, cfg=step_cfg), donate_argnums=0)
-    mem = memory(step.lower(state, batch_arrays(config, b, form, abstract_only=True), jax.ShapeDtypeStruct((), jnp.float32)).compile())
+    mem = memory(step.lower(state, abstract_batch(config, b, form.slots), jax.ShapeDtypeStruct((), jnp.float32)).compile())
     return dict(**mem, fits_h100=mem["peak_gib"] <= H100_GIB)
 
 
@@ -194,7 +180,7 @@ def full_rows(b: int, prompt_len: int) -> list[dict]:
         variant, p, forms = CASES[case]
         form = forms[formulation]
         t0 = time.perf_counter()
-        flops = corrected_flops(loss_grad_fn(variant, p, form), config, batch_arrays(config, b, form, abstract_only=True))
+        flops = corrected_flops(loss_grad_fn(variant, p, form), config, abstract_batch(config, b, form.slots))
         tflops = flops["flops"] / 1e12
         mem = step_memory(config, variant, form, b, ema=True)
         rows.append(dict(case=case, formulation=formulation, cameras=_cameras(form), ema=True, prompt_len=prompt_len, batch=b,

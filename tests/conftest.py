@@ -12,12 +12,14 @@ _hook = install_import_hook("eqx_pi05", "beartype.beartype")
 import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 import socket  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "openpi_pi05_tiny"
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+sys.path.insert(0, str(REPO / "benchmarks"))  # the batch builder tests share with the benchmarks: `from batches import ...`
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,26 +76,6 @@ def small_config(**overrides):
     )
     kw.update(overrides)
     return pi05_tiny(**kw)
-
-
-def random_batch(config, batch=2, seed=0, masks=None):
-    """A model batch dict in the data pipeline's format (uint8 images)."""
-    import numpy as np
-
-    from eqx_pi05.cameras import SLOTS
-
-    rng = np.random.default_rng(seed)
-    s = config.siglip.image_size
-    masks = masks or {"base_0_rgb": [True] * batch, "left_wrist_0_rgb": [True] * batch, "right_wrist_0_rgb": [False] * batch}
-    lens = rng.integers(2, config.max_token_len + 1, batch)
-    return {
-        "image": {k: rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8) for k in SLOTS},
-        "image_mask": {k: np.asarray(masks[k], bool) for k in SLOTS},
-        "state": rng.normal(size=(batch, 32)).astype(np.float32),
-        "tokenized_prompt": np.where(np.arange(config.max_token_len) < lens[:, None], rng.integers(1, config.vocab_size, (batch, config.max_token_len)), 0).astype(np.int32),
-        "tokenized_prompt_mask": np.arange(config.max_token_len) < lens[:, None],
-        "actions": rng.normal(size=(batch, config.action_horizon, config.action_dim)).astype(np.float32),
-    }
 
 
 def random_model(config, seed=0):

@@ -6,8 +6,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from batches import random_batch
 
 from eqx_pi05.augment import augment, augment_image, color_jitter, hsv_to_rgb, rgb_to_hsv, warp
+from eqx_pi05.cameras import SLOTS
+from eqx_pi05.config import pi05_tiny
 from eqx_pi05.model import Observation
 
 RNG = np.random.default_rng(0)
@@ -68,16 +71,14 @@ def test_colour_jitter_hits_about_half_the_images_and_geometry_only_non_wrist_ca
 
 
 def test_augment_maps_each_camera_and_sample_and_keeps_the_range():
-    b = 3
-    images = {k: jnp.asarray(RNG.uniform(-1, 1, (b, 224, 224, 3)), jnp.float32) for k in ("base_0_rgb", "left_wrist_0_rgb")}
-    images["base_0_rgb"] = images["base_0_rgb"].at[1].set(images["base_0_rgb"][0])  # two equal samples
-    obs = Observation(images=images, image_masks={k: jnp.ones(b, bool) for k in images}, state=jnp.zeros((b, 8)),
-                      tokenized_prompt=jnp.zeros((b, 4), jnp.int32), tokenized_prompt_mask=jnp.ones((b, 4), bool))
+    batch = random_batch(pi05_tiny(), 3, slots=SLOTS[:2])  # 224×224, as augment expects
+    batch["image"]["base_0_rgb"][1] = batch["image"]["base_0_rgb"][0]  # two equal samples
+    obs = Observation.from_batch(batch)
     out = jax.jit(augment)(jax.random.key(1), obs)
     base = np.asarray(out.images["base_0_rgb"])
     assert base.min() >= -1 - 1e-5 and base.max() <= 1 + 1e-5
     assert not np.allclose(base[0], base[1])  # per-sample randomness
-    assert not np.allclose(base[0], np.asarray(images["base_0_rgb"][0]))
+    assert not np.allclose(base[0], np.asarray(obs.images["base_0_rgb"][0]))
     np.testing.assert_array_equal(out.state, obs.state)
     np.testing.assert_array_equal(out.image_masks["base_0_rgb"], obs.image_masks["base_0_rgb"])
 

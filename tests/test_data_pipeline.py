@@ -1,9 +1,12 @@
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
+from batches import abstract_batch, random_batch
 
+from eqx_pi05.config import pi05_tiny
 from eqx_pi05.data.data_config import DataConfig
 from eqx_pi05.data.make_demo_dataset import make_demo_dataset
 from eqx_pi05.data.pipeline import batched_stream, local_batch_size, make_data_loader
@@ -54,6 +57,14 @@ def test_batches_have_the_model_interface(cfg):
     assert batch["tokenized_prompt"].shape == (8, 48) and batch["tokenized_prompt"].dtype == np.int32
     assert batch["tokenized_prompt_mask"].dtype == np.bool_
     assert type(batch["state"]) is np.ndarray
+
+
+def test_the_batches_of_tests_and_benchmarks_have_the_pipelines_layout(cfg):
+    batch = next(iter(make_data_loader(cfg, process_index=0, process_count=1)))
+    layout = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), tree)  # noqa: E731
+    config = pi05_tiny(max_token_len=cfg.max_token_len)  # the demo dataset's horizon (10) and state/action width (32)
+    assert layout(abstract_batch(config, cfg.batch_size)) == layout(batch)
+    assert layout(random_batch(config, cfg.batch_size)) == layout(batch)
 
 
 def test_two_worker_counts_yield_identical_batches_and_a_restored_iterator_continues_identically(cfg):

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_batch, random_model, small_config
+from batches import abstract_batch, random_batch
+from conftest import random_model, small_config
 
+from eqx_pi05.cameras import SLOTS
 from eqx_pi05.config import GEMMA_DUMMY_LORA, pi05_full
 from eqx_pi05.loss import bc_per_sample
 from eqx_pi05.model import Observation, Pi05, count_params, sample_actions
@@ -214,21 +216,14 @@ def test_full_size_model_shapes_and_lowering_without_allocation():
     config = pi05_full()
     model = abstract_model(config)
     assert count_params(model) == 3_353_433_872
-    b, s = 1, config.max_token_len
-    img = jax.ShapeDtypeStruct((b, 224, 224, 3), jnp.float32)
-    fields = dict(
-        images={"base_0_rgb": img, "left_wrist_0_rgb": img},
-        image_masks={"base_0_rgb": jax.ShapeDtypeStruct((b,), bool), "left_wrist_0_rgb": jax.ShapeDtypeStruct((b,), bool)},
-        state=jax.ShapeDtypeStruct((b, 32), jnp.float32),
-        tokenized_prompt=jax.ShapeDtypeStruct((b, s), jnp.int32),
-        tokenized_prompt_mask=jax.ShapeDtypeStruct((b, s), bool),
-    )
-    act = jax.ShapeDtypeStruct((b, config.action_horizon, 32), jnp.float32)
+    b = 1
+    batch = abstract_batch(config, b, SLOTS[:2])
+    obs, act = jax.eval_shape(Observation.from_batch, batch), batch["actions"]
     t = jax.ShapeDtypeStruct((b,), jnp.float32)
-    out = jax.eval_shape(lambda m, f, x, tt: m.velocity(Observation(**f), x, tt), model, fields, act, t)
+    out = jax.eval_shape(Pi05.velocity, model, obs, act, t)
     assert out.shape == (b, config.action_horizon, 32) and out.dtype == jnp.float32
     params, static = eqx.partition(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    loss = lambda p, f, a, n, tt: bc_per_sample(eqx.combine(p, static), Observation(**f), a, n, tt)
-    lowered = jax.jit(loss).lower(params, fields, act, act, t)
+    loss = lambda p, o, a, n, tt: bc_per_sample(eqx.combine(p, static), o, a, n, tt)
+    lowered = jax.jit(loss).lower(params, obs, act, act, t)
     text = lowered.as_text()
     assert "bf16" in text and "f32[1,10]" in text.replace("tensor<1x10xf32>", "f32[1,10]")

@@ -92,7 +92,8 @@ def test_parity_cli_works_on_other_fixture_sizes_and_fails_on_a_wrong_reference(
     SigLIP size; and it really compares: a perturbed reference makes it exit non-zero."""
     import jax
 
-    from conftest import random_batch, small_config
+    from batches import random_batch
+    from conftest import small_config
     from eqx_pi05.model import Pi05
 
     config = small_config()

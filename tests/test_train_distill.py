@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_batch, random_model, small_config
+from batches import random_batch
+from conftest import random_model, small_config
 
 from eqx_pi05.cameras import compact, drop, mask
 from eqx_pi05.loss import bc_per_sample, removed_rows, train_loss

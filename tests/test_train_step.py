@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_batch, random_model, small_config
+from batches import random_batch
+from conftest import random_model, small_config
 
 from eqx_pi05.cameras import compact
 from eqx_pi05.variants import VARIANTS

@@ -18,12 +18,14 @@ import sys
 MODE, OUT = sys.argv[1], pathlib.Path(sys.argv[2])
 os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={8 if MODE == 'single' else 4} "
                            "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
+TESTS = pathlib.Path(__file__).parent
+sys.path[:0] = [str(TESTS), str(TESTS.parent / "benchmarks")]  # conftest's helpers, the shared batch builder
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from conftest import random_batch, random_model, small_config  # noqa: E402
+from batches import random_batch  # noqa: E402
+from conftest import random_model, small_config  # noqa: E402
 
 from eqx_pi05.cameras import compact  # noqa: E402
 from eqx_pi05.variants import VARIANTS  # noqa: E402
