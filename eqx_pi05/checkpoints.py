@@ -348,9 +348,9 @@ def export_policy(src: str | pathlib.Path, dst: str | pathlib.Path, params: str 
     if not (directory / "assets").is_dir():
         raise FileNotFoundError(f"{directory}: no 'assets' item (norm stats + tokenizer): a policy without them "
                                 "cannot be evaluated from the export alone")
-    model, _ = load_trained(directory, params)  # verified against the source's checksums
     if params == "ema" and not (directory / "ema").is_dir():
         raise FileNotFoundError(f"{directory}: the run kept no EMA (ema_decay=None); export with params='params'")
+    model, _ = load_trained(directory, params)  # verified against the source's checksums
     out = dst / directory.name
     out.mkdir(parents=True)
     with ocp.StandardCheckpointer() as ckptr:

@@ -30,6 +30,7 @@ from eqx_pi05.eval.rollout import policy_observation
 from eqx_pi05.eval.sim import SimObservation
 
 AXES = ("x", "y", "z", "gripper")
+AXIS_DIMS = [0, 1, 2, 6]  # LIBERO's 7-dim action: xyz translation, rotation (never used by the recorder), gripper
 EXECUTED = 5  # actions the evaluation executes of each chunk (replan_steps)
 
 
@@ -64,9 +65,8 @@ def main(args: Args) -> dict:
             obs = SimObservation(agentview=ep.image[t], wrist=ep.wrist_image[t], state=ep.state[t])
             chunk = policy([policy_observation(obs, LIBERO_SPATIAL_TASKS[ep.task_index], seed=t)])[0][:EXECUTED]
             truth = ep.actions[t:t + EXECUTED]
-            pick = lambda a: a[:, [0, 1, 2, 6]]  # noqa: E731
-            errors.append(np.abs(pick(chunk) - pick(truth)).mean(0))
-            base.append(np.abs(pick(mean[None]) - pick(truth)).mean(0))
+            errors.append(np.abs(chunk[:, AXIS_DIMS] - truth[:, AXIS_DIMS]).mean(0))
+            base.append(np.abs(mean[None, AXIS_DIMS] - truth[:, AXIS_DIMS]).mean(0))
             agree.append(np.mean(np.sign(chunk[:, 6]) == np.sign(truth[:, 6])))
     result = {
         "checkpoint": info.checkpoint,
