@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ from eqx_pi05.variants import VARIANTS, demo_model  # noqa: E402
 from eqx_pi05.train.optimizer import make_optimizer  # noqa: E402
 from eqx_pi05.train.sharding import global_batch, make_mesh  # noqa: E402
 from eqx_pi05.train.state import TrainState, init_state, split_model  # noqa: E402
-from eqx_pi05.train.step import StepConfig, abstract, loss_and_grads, make_train_step, train_step  # noqa: E402
+from eqx_pi05.train.step import StepConfig, jit_train_step, loss_and_grads, train_step  # noqa: E402
 
 H100_GIB = 80e9 / 2**30
 OPENPI_TFLOPS_PER_SAMPLE = 17.35  # openpi pi05_libero loss + grad, measured the same way (issue 14)
@@ -103,7 +104,7 @@ def tiny_rows(runs: int, model: str) -> list[dict]:
             # one seed: every formulation sees the same values (only the slot set and masks differ)
             masks = {k: k not in form.masked for k in form.slots}
             batch = global_batch(random_batch(model_cfg, 8, masks=masks, slots=form.slots, prompt_len=PROMPT_LEN), mesh)
-            step = make_train_step(step_config(variant, form), mesh, abstract(state), 0)
+            step = functools.partial(jit_train_step, cfg=step_config(variant, form), mesh=mesh, min_bytes=0)
             t0 = time.perf_counter()
             state, m = step(state, batch, np.float32(p), None, form.drop_student)
             loss = float(m["loss"])

@@ -127,6 +127,27 @@ def small_run(variant: str, data_dir: pathlib.Path, out: pathlib.Path, **changes
 
 
 @contextlib.contextmanager
+def compile_counts():
+    """Yields a Counter, filled while the block runs, of XLA compilations by jitted function name
+    (`jit(name)`), from jax.monitoring's backend-compile events: a jax.jit cache hit compiles nothing."""
+    import collections
+
+    import jax
+
+    counts = collections.Counter()
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts[kwargs["fun_name"]] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@contextlib.contextmanager
 def lock_held_by_another_process(directory: pathlib.Path, command: str = "train.py other"):
     """`directory`'s writer lock (eqx_pi05.lock) held by a live child process; yields that process,
     killed (not released: its lock stays behind, stale) when the block ends."""

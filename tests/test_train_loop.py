@@ -4,7 +4,7 @@ the checkpoints load for evaluation.
 
 SLOW (marked): about 80 s on two contended cores, most of it compiling seven step programs. A
 smaller model than the demo's (depth 1) and XLA's fast-compile options keep it there; the compiled
-steps are shared between tests (equal StepConfigs give one jitted function).
+steps are shared between tests (equal calls of the one jitted step hit jax.jit's cache).
 """
 
 import collections
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import random_model, small_run as small
+from conftest import compile_counts, random_model, small_run as small
 
 from eqx_pi05.convert import openpi
 from eqx_pi05 import checkpoints
@@ -134,10 +134,15 @@ def test_an_unfinished_save_does_not_replace_the_latest_checkpoint(runs):
     assert checkpoints.step_dir(cfg.run_dir).name == "2"
 
 
-def test_resume_continues_bit_identically(demo_data, tmp_path):
-    straight = train(small("selfdistill_only", demo_data, tmp_path / "a", num_train_steps=6, save_interval=3))
-    first = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=3, save_interval=3))
-    resumed = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=6, save_interval=3, resume=True))
+def test_resume_continues_bit_identically_from_the_same_compiled_programs(demo_data, tmp_path):
+    jax.clear_caches()  # so that the first run below compiles its programs
+    with compile_counts() as compiled:
+        straight = train(small("selfdistill_only", demo_data, tmp_path / "a", num_train_steps=6, save_interval=3))
+    assert compiled["jit(_init)"] == 1 and compiled["jit(_sharded_step)"] >= 1
+    with compile_counts() as compiled:  # equal runs (the same steps' batches) compile neither program again
+        first = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=3, save_interval=3))
+        resumed = train(small("selfdistill_only", demo_data, tmp_path / "b", num_train_steps=6, save_interval=3, resume=True))
+    assert compiled["jit(_init)"] == compiled["jit(_sharded_step)"] == 0
     assert [r["loss"] for r in first + resumed] == [r["loss"] for r in straight]
     assert [r["step"] for r in read(tmp_path / "b" / "metrics.jsonl")] == list(range(6))
     a, b = (checkpoints.load_trained(tmp_path / x, params="params")[0] for x in ("a", "b"))

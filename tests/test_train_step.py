@@ -1,5 +1,6 @@
 """The train step's memory mechanisms compute today's step: the leaf-by-leaf optimizer equals optax's
-tree-wide update, gradient accumulation equals the full-batch step up to summation order."""
+tree-wide update, gradient accumulation equals the full-batch step up to summation order; the jitted
+step compiles once for equal calls and donates the state."""
 
 import dataclasses
 
@@ -11,13 +12,14 @@ import numpy as np
 import optax
 import pytest
 from batches import random_batch
-from conftest import random_model, small_config
+from conftest import compile_counts, random_model, small_config
 
 from eqx_pi05.cameras import compact
 from eqx_pi05.variants import VARIANTS
 from eqx_pi05.train.optimizer import apply_optimizer, make_optimizer
+from eqx_pi05.train.sharding import fsdp_shardings, global_batch, make_mesh
 from eqx_pi05.train.state import ema_update, init_state
-from eqx_pi05.train.step import StepConfig, drops_student, loss_and_grads, train_step
+from eqx_pi05.train.step import StepConfig, drops_student, jit_train_step, loss_and_grads, train_step
 
 
 def _state_and_batch(variant: str, b: int):
@@ -93,3 +95,26 @@ def test_a_curriculum_reaching_p_1_keeps_its_grouped_program_and_function():
     grouped, dropped = (run(state, batch, jnp.float32(1.0), None, drop, step_cfg) for drop in (False, True))
     np.testing.assert_allclose(grouped[0], dropped[0], rtol=1e-6)
     chex.assert_trees_all_close(grouped[2], dropped[2], rtol=1e-5, atol=1e-7)
+
+
+def test_equal_calls_share_one_compiled_step_which_donates_the_state():
+    """`jit_train_step` compiles once (jax.jit's own cache) for the next step on its own output and for
+    a second run's fresh state with an equal, not identical, StepConfig and mesh; each call donates
+    the state it is given, and the second run repeats the first's losses."""
+    train_cfg, state, batch = _state_and_batch("pi05_libero", 2)
+    host = jax.device_get(state)  # each run places its own copy: the step deletes what it is given
+    step_cfg = dataclasses.replace(StepConfig.of(train_cfg), fast_compile=True)
+    losses = []
+    with compile_counts() as compiled:
+        for _ in range(2):
+            mesh = make_mesh(1)
+            state = jax.device_put(host, fsdp_shardings(host, mesh, 0))
+            for _ in range(2):
+                given = state
+                state, metrics = jit_train_step(state, global_batch(batch, mesh), np.float32(0.0), None,
+                                                cfg=dataclasses.replace(step_cfg), mesh=mesh, min_bytes=0)
+                assert all(x.is_deleted() for x in jax.tree.leaves(given))
+                losses.append(float(metrics["loss"]))
+            assert int(state.step) == 2
+    assert compiled["jit(_sharded_step)"] == 1
+    assert losses[2:] == losses[:2] and losses[0] != losses[1]

@@ -32,7 +32,7 @@ from eqx_pi05.variants import VARIANTS  # noqa: E402
 from eqx_pi05.train.optimizer import make_optimizer  # noqa: E402
 from eqx_pi05.train.sharding import batch_sharding, fsdp_shardings, global_batch, initialize, make_mesh, replicated  # noqa: E402
 from eqx_pi05.train.state import init_state  # noqa: E402
-from eqx_pi05.train.step import StepConfig, abstract, loss_and_grads, make_train_step  # noqa: E402
+from eqx_pi05.train.step import StepConfig, jit_train_step, loss_and_grads  # noqa: E402
 
 if MODE == "multi":
     initialize(f"localhost:{sys.argv[3]}", 2, int(sys.argv[4]))  # before anything starts the backend
@@ -66,8 +66,7 @@ if MODE == "single":
 else:
     rows = slice(jax.process_index() * B // 2, (jax.process_index() + 1) * B // 2)
     local = jax.tree.map(lambda x: x[rows], batch)
-    step = make_train_step(step_cfg, mesh, abstract(on_mesh), 0)
-    new_state, metrics = step(on_mesh, global_batch(local, mesh), P, None, False)
+    new_state, metrics = jit_train_step(on_mesh, global_batch(local, mesh), P, None, False, cfg=step_cfg, mesh=mesh, min_bytes=0)
     report = dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]), devices=jax.device_count(),
                   local_devices=jax.local_device_count(), params=shard_report(new_state.params))
     (OUT / f"process{jax.process_index()}.json").write_text(json.dumps(report))

@@ -194,6 +194,20 @@ def evaluate(
         return _evaluate(config, policy, info, tasks, make_env, out, identity, planned)
 
 
+def _audit(policy: Policy, info: PolicyInfo, task: sim.Task, make_env: Callable[[sim.Task], Env]) -> str:
+    """The removal audit (eval.audit) on the first observation of `task`'s episode 0, before any episode runs."""
+    env = make_env(task)
+    try:
+        first = policy_observation(env.reset(0), task.language, noise_seed(task.index, 0, 0))
+    finally:
+        env.close()
+    try:
+        return audit_removal(policy, first, info.view_remove_eval, info.view_dropout_train, info.view_dropout_eval)
+    except RemovalAuditError as e:
+        log.error("%s", e)  # the evidence stays in eval.log; no episode runs
+        raise
+
+
 def _evaluate(config, policy, info, tasks, make_env, out, identity, planned) -> dict:
     start = time.perf_counter()
     # Render only the cameras the policy reads (rendering is ~95 % of a CPU step); the audit feeds the
@@ -207,16 +221,7 @@ def _evaluate(config, policy, info, tasks, make_env, out, identity, planned) -> 
     log.info("evaluation %s", json.dumps({**identity, "num_envs": config.num_envs, "rendered_cameras": rendered,
                                           "output_dir": str(out)}))
 
-    first_env = make_env(tasks[0])
-    try:
-        first = policy_observation(first_env.reset(0), tasks[0].language, noise_seed(tasks[0].index, 0, 0))
-    finally:
-        first_env.close()
-    try:
-        audit_line = audit_removal(policy, first, info.view_remove_eval, info.view_dropout_train, info.view_dropout_eval)
-    except RemovalAuditError as e:
-        log.error("%s", e)  # the evidence stays in eval.log; no episode runs
-        raise
+    audit_line = _audit(policy, info, tasks[0], make_env)
     log.info(audit_line)
     (out / "eval_config.json").write_text(json.dumps(identity, indent=2) + "\n")
 

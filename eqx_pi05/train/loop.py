@@ -26,7 +26,7 @@ from eqx_pi05.train.metrics import MetricsLog
 from eqx_pi05.train.optimizer import make_optimizer
 from eqx_pi05.train.sharding import fsdp_shardings, global_batch, initialize, make_mesh
 from eqx_pi05.train.state import TrainState, init_state
-from eqx_pi05.train.step import FAST_COMPILE, StepConfig, abstract, drops_student, make_train_step
+from eqx_pi05.train.step import FAST_COMPILE, StepConfig, drops_student, jit_train_step
 from eqx_pi05.trainable import describe_counts, param_counts
 
 logger = logging.getLogger(__name__)  # the phase lines (train.py shows INFO; `log` below is the metrics log)
@@ -51,27 +51,34 @@ def ensure_demo_dataset(directory: pathlib.Path) -> pathlib.Path:
 def initial_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
     """The state at step 0, FSDP-laid-out on `mesh`: params from an openpi params checkpoint (LoRA
     adapters it lacks initialised), or a random init computed directly into its shards."""
-    _, init = _state_program(*_state_key(cfg, mesh))
     if cfg.weights is None:
         logger.info("initialising the model at random")
-        return init()
+        return _init(None, **_init_config(cfg, mesh))
     logger.info("loading the weights %s", cfg.weights)
-    return init(checkpoints.load_weights(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None))
+    weights = checkpoints.load_weights(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None)
+    return _init(weights, **_init_config(cfg, mesh))
 
 
-def _state_key(cfg: TrainConfig, mesh: Mesh) -> tuple:
-    return cfg.model, cfg.lr, cfg.optimizer, cfg.ema_decay is not None, cfg.seed, mesh, cfg.fsdp_min_bytes, cfg.weights is None
+def state_shapes(cfg: TrainConfig, mesh: Mesh) -> TrainState:
+    """The shapes and dtypes of `initial_state` (abstract: no memory, no compile)."""
+    return _init.eval_shape(None, **_init_config(cfg, mesh))
 
 
-@functools.lru_cache(maxsize=8)
-def _state_program(model, lr, opt, ema, seed, mesh, min_bytes, random_init):
-    """(abstract state, jitted init laid out by the FSDP rule); equal arguments share one compilation.
-    The init runs once, so it is compiled for compile time, not speed."""
-    optimizer = make_optimizer(lr, opt)
-    new = lambda m: init_state(m, optimizer, ema=ema, seed=seed)  # noqa: E731
-    shapes = jax.eval_shape(lambda: new(Pi05(model, key=jax.random.key(0))))
-    fn = (lambda: new(Pi05(model, key=jax.random.key(seed)))) if random_init else new
-    return shapes, jax.jit(fn, out_shardings=fsdp_shardings(shapes, mesh, min_bytes), compiler_options=FAST_COMPILE)
+def _init_config(cfg: TrainConfig, mesh: Mesh) -> dict:
+    return dict(model=cfg.model, lr=cfg.lr, optimizer=cfg.optimizer, ema=cfg.ema_decay is not None, seed=cfg.seed,
+                mesh=mesh, min_bytes=cfg.fsdp_min_bytes)
+
+
+# The init runs once per run, so it is compiled for compile time, not speed; equal static arguments
+# (and weights of equal shapes) share one compilation through jax.jit's own cache.
+@functools.partial(jax.jit, static_argnames=("model", "lr", "optimizer", "ema", "seed", "mesh", "min_bytes"),
+                   compiler_options=FAST_COMPILE)
+def _init(weights, *, model, lr, optimizer, ema, seed, mesh, min_bytes):
+    """The state from `weights`, or from a random init (`seed`) when None, laid out by the FSDP rule."""
+    if weights is None:
+        weights = Pi05(model, key=jax.random.key(seed))
+    state = init_state(weights, make_optimizer(lr, optimizer), ema=ema, seed=seed)
+    return jax.lax.with_sharding_constraint(state, fsdp_shardings(state, mesh, min_bytes))
 
 
 def load_teacher(cfg: TrainConfig) -> Pi05 | None:
@@ -160,18 +167,17 @@ def train(cfg: TrainConfig) -> list[dict]:
         logger.info("loading the dataset %s", cfg.data.dataset)
         data_iter = iter(make_data_loader(cfg.data))
         assets = checkpoints.policy_assets(cfg)  # the stats and tokenizer this run trains with, in every checkpoint
-        shapes, _ = _state_program(*_state_key(cfg, mesh))
+        shapes = state_shapes(cfg, mesh)
         state, corrupt, teacher = _start(cfg, mesh, shapes, data_iter)
-        step_fn = make_train_step(StepConfig.of(cfg), mesh, abstract(shapes), cfg.fsdp_min_bytes, abstract(teacher))
         # What trains, per part (abstract shapes: no memory); config.json and W&B keep it beside the config.
         run_info = {**to_json(cfg), "param_counts": param_counts(shapes.model())}
         if main:
             logger.info("%s: %s", cfg.name, describe_counts(run_info["param_counts"]))
         _prepare_run_dir(cfg, corrupt, main, run_info)
-        return _loop(cfg, mesh, state, teacher, step_fn, data_iter, run_info, assets)
+        return _loop(cfg, mesh, state, teacher, data_iter, run_info, assets)
 
 
-def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, teacher, step_fn, data_iter, run_info: dict, assets: dict) -> list[dict]:
+def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, teacher, data_iter, run_info: dict, assets: dict) -> list[dict]:
     out, main = cfg.run_dir, jax.process_index() == 0
     mgr = checkpoints.manager(out / "checkpoints", cfg.keep_checkpoints, cfg.async_checkpoint)
     # Slots no row may attend to, decided from the config (not per batch: a chance all-False batch
@@ -204,7 +210,8 @@ def _loop(cfg: TrainConfig, mesh: Mesh, state: TrainState, teacher, step_fn, dat
         if program not in compiled:  # the call compiles before it dispatches: minutes on a CPU, so say so
             logger.info("compiling the training step (once per camera set / prompt bucket)...")
             compile_start = time.perf_counter()
-        state, metrics = step_fn(state, batch, np.float32(p), teacher, wrist_only)
+        state, metrics = jit_train_step(state, batch, np.float32(p), teacher, wrist_only, cfg=step_cfg, mesh=mesh,
+                                        min_bytes=cfg.fsdp_min_bytes)
         if program not in compiled:
             compiled.add(program)
             logger.info("compiled in %.0f s", time.perf_counter() - compile_start)

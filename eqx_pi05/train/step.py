@@ -1,24 +1,23 @@
 """One training step: augment, sample noise and time, student/teacher loss, clip + AdamW, EMA.
 
-The step is one `jax.jit` with the train state, the batch and the teacher params sharded at its
-boundary (`eqx_pi05.train.sharding`) and the state donated. What it computes is fixed by a hashable
-`StepConfig` and by `drop_student` (static): p(step) = 1 means the student's camera leaves the
-observation (compacted, its tokens never computed). p < 1 draws the removed rows inside the step;
-when the loss computes the live both-camera forward anyway, the rows are grouped by camera set (the
-compacted student forward, selected per row against the live one: `loss.select_student`), else the
-camera is masked per row.
+The step is one module-level `jax.jit` (`jit_train_step`) with the train state, the batch and the
+teacher params sharded at its boundary (`eqx_pi05.train.sharding`) and the state donated. What it
+computes is fixed by a hashable `StepConfig` and by `drop_student` (static): p(step) = 1 means the
+student's camera leaves the observation (compacted, its tokens never computed). p < 1 draws the
+removed rows inside the step; when the loss computes the live both-camera forward anyway, the rows
+are grouped by camera set (the compacted student forward, selected per row against the live one:
+`loss.select_student`), else the camera is masked per row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from eqx_pi05.augment import augment
 from eqx_pi05.loss import DistillConfig, has_live_forward, select_student, train_loss
@@ -146,29 +145,36 @@ def train_step(
     return new, metrics
 
 
-def make_train_step(cfg: StepConfig, mesh: Mesh, abstract_state: TrainState, min_bytes: int, abstract_teacher: Pi05 | None = None):
-    """`train_step` jitted with in/out shardings (state and teacher by the FSDP rule, batch over
-    ("data", "fsdp"), scalars replicated) and the state donated: call it as
-    `step(state, batch, p, teacher, drop_student)`. Equal arguments return the same function,
-    so runs in one process share its compilations."""
-    flat = lambda tree: (jax.tree.structure(tree), tuple(jax.tree.leaves(tree)))  # noqa: E731
-    return _jitted_step(cfg, mesh, min_bytes, *flat(abstract_state), *flat(abstract_teacher))
+def _sharded_step(state, batch, p, teacher, drop_student, cfg, mesh, min_bytes):
+    """`train_step` with its layout stated at the boundary: the state (in and out) and the teacher by
+    the FSDP rule, the batch over ("data", "fsdp"), the metrics replicated."""
+    fsdp = lambda tree: jax.lax.with_sharding_constraint(tree, fsdp_shardings(tree, mesh, min_bytes))  # noqa: E731
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding(mesh))
+    new, metrics = train_step(fsdp(state), batch, p, fsdp(teacher), drop_student, cfg=cfg)
+    return fsdp(new), jax.lax.with_sharding_constraint(metrics, replicated(mesh))
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_step(cfg, mesh, min_bytes, state_def, state_leaves, teacher_def, teacher_leaves):
-    state_sh = fsdp_shardings(jax.tree.unflatten(state_def, state_leaves), mesh, min_bytes)
-    teacher_sh = fsdp_shardings(jax.tree.unflatten(teacher_def, teacher_leaves), mesh, min_bytes)
-    return jax.jit(
-        functools.partial(train_step, cfg=cfg),
-        in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), teacher_sh),
-        out_shardings=(state_sh, replicated(mesh)),
-        static_argnums=4,
-        donate_argnums=0,
-        compiler_options=FAST_COMPILE if cfg.fast_compile else None,
-    )
+# One jitted step per set of XLA options (they are fixed when a function is jitted); the rest of
+# what the program depends on is static, so jax.jit's own cache shares compilations between equal
+# calls: same StepConfig, drop_student, mesh, min_bytes and argument shapes and shardings.
+_STATIC = ("drop_student", "cfg", "mesh", "min_bytes")
+_step = jax.jit(_sharded_step, static_argnames=_STATIC, donate_argnums=0)
+_fast_step = jax.jit(_sharded_step, static_argnames=_STATIC, donate_argnums=0, compiler_options=FAST_COMPILE)
 
 
-def abstract(tree: PyTree) -> PyTree:
-    """ShapeDtypeStructs without shardings: the key `make_train_step` caches on."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+def jit_train_step(
+    state: TrainState,
+    batch: dict,
+    p: Float[ArrayLike, ""],
+    teacher: Pi05 | None,
+    drop_student: bool = False,
+    *,
+    cfg: StepConfig,
+    mesh: Mesh,
+    min_bytes: int,
+) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
+    """`train_step` compiled for `mesh`: the state (in and out) and the teacher laid out by the FSDP
+    rule (`fsdp_shardings` at `min_bytes`), the batch over ("data", "fsdp"), the metrics replicated;
+    the state donated; XLA's `FAST_COMPILE` options when `cfg.fast_compile`."""
+    step = _fast_step if cfg.fast_compile else _step
+    return step(state, batch, p, teacher, drop_student=drop_student, cfg=cfg, mesh=mesh, min_bytes=min_bytes)
