@@ -335,12 +335,17 @@ def _read(ckptr: ocp.StandardCheckpointer, directory: pathlib.Path, name: str, t
     return tree
 
 
-def export_policy(src: str | pathlib.Path, dst: str | pathlib.Path, params: str = "ema") -> pathlib.Path:
+EXPORT_FILE_BYTES = 4 * 2**20  # an export's weights files stay near this size, so it commits to git without large files
+
+
+def export_policy(src: str | pathlib.Path, dst: str | pathlib.Path, params: str = "ema",
+                  file_bytes: int = EXPORT_FILE_BYTES) -> pathlib.Path:
     """Write the policy of train.py checkpoint `src` (a run dir, its checkpoints/ or a step dir) to the
     new directory `dst`: dst/<step>/ with `params` (the `params` weights: "ema" combined with the frozen
     leaves, or the raw params), config, assets, checksums and `export`. `evaluate.py --checkpoint dst`
     and `serve` read it like the run; what only resuming training needs (optimizer state, data
-    iterator, the other weights) is left out. Returns the step dir written. Refuses an existing `dst`."""
+    iterator, the other weights) is left out. The weights are written in data files of about `file_bytes`
+    each (tensorstore OCDBT's target size). Returns the step dir written. Refuses an existing `dst`."""
     dst = pathlib.Path(dst).absolute()
     if dst.exists():
         raise FileExistsError(f"{dst} exists: an export writes a new directory (remove it or choose another)")
@@ -353,8 +358,8 @@ def export_policy(src: str | pathlib.Path, dst: str | pathlib.Path, params: str 
     model, _ = load_trained(directory, params)  # verified against the source's checksums
     out = dst / directory.name
     out.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out / "params", model)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(out / "params", args=ocp.args.PyTreeSave(model, ocdbt_target_data_file_size=file_bytes))
     for item in ("config", "assets"):
         shutil.copytree(directory / item, out / item)
     for item, value in (("checksums", {"params": checksums(model)[0]}), ("export", {"source": str(directory), "params": params})):

@@ -180,9 +180,11 @@ def test_a_policy_only_export_evaluates_like_its_run_and_holds_only_what_the_pol
         load_policy(tmp_path / "export", params="params")
     with pytest.raises(FileExistsError, match="exists"):
         checkpoints.export_policy(run_dir, tmp_path / "export")  # never written over
-    raw = checkpoints.export_policy(run_dir, tmp_path / "raw", params="params")
+    raw = checkpoints.export_policy(run_dir, tmp_path / "raw", params="params", file_bytes=2**16)
     np.testing.assert_array_equal(load_policy(raw, params="params")[0]([_observation()]),
                                   load_policy(run_dir, params="params")[0]([_observation()]))
+    data_files = [f.stat().st_size for f in (raw / "params").rglob("*") if f.parent.name == "d"]
+    assert len(data_files) > 1 and max(data_files) < 2 * 2**16  # the weights in files of about file_bytes
     leaf = max((f for f in (out / "params").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
     data = bytearray(leaf.read_bytes())
     data[len(data) // 2:len(data) // 2 + 100] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 100])
