@@ -1,8 +1,8 @@
 """Train step: (a) wall time of the real jitted step on this CPU at the tiny size, masked vs
 compacted; (b) the full-size step lowered with abstract shapes (nothing allocated) at batch 32, in
 the formulation train.py runs, with the prompt untrimmed (200) and trimmed (32): XLA FLOPs per
-sample against openpi's 17.35, and the whole step's peak memory; then memory-only rows (no EMA,
-openpi's batch 256 by gradient accumulation, Adam's first moment in bfloat16).
+sample against openpi's 17.35, and the whole step's peak memory; then memory-only rows (the EMA in
+host memory, no EMA, openpi's batch 256 by gradient accumulation, Adam's first moment in bfloat16).
 
     python benchmarks/train_step.py [--runs 5] [--batch 32] [--prompt-lens 32 200] [--skip-full] [--skip-tiny] [--model tiny|demo]
 
@@ -53,7 +53,7 @@ from eqx_pi05.variants import VARIANTS, demo_model  # noqa: E402
 from eqx_pi05.train.optimizer import make_optimizer  # noqa: E402
 from eqx_pi05.train.sharding import global_batch, make_mesh  # noqa: E402
 from eqx_pi05.train.state import TrainState, init_state, split_model  # noqa: E402
-from eqx_pi05.train.step import StepConfig, jit_train_step, loss_and_grads, train_step  # noqa: E402
+from eqx_pi05.train.step import StepConfig, _ema_leaf, jit_train_step, loss_and_grads, train_step  # noqa: E402
 
 H100_GIB = 80e9 / 2**30
 OPENPI_TFLOPS_PER_SAMPLE = 17.35  # openpi pi05_libero loss + grad, measured the same way (issue 14)
@@ -141,17 +141,40 @@ def loss_grad_fn(variant: str, p: float, form: Form):
     return fn
 
 
-def step_memory(config, variant: str, form: Form, b: int, ema: bool, grad_accum_steps: int = 1, mu_dtype: str | None = None) -> dict:
-    """Memory analysis of the whole scanned train step (state donated) at full size, abstractly."""
+def step_memory(config, variant: str, form: Form, b: int, ema: bool, grad_accum_steps: int = 1, mu_dtype: str | None = None,
+                ema_memory: str = "device") -> dict:
+    """Memory analysis of the whole scanned train step (state donated) at full size, abstractly. With
+    the EMA in host memory (`--ema-memory host`) the step runs without it and the EMA update after it
+    (`ema_host_phase`); the peak is the larger of the two phases' device memory."""
     base = VARIANTS[variant]
     cfg = dataclasses.replace(base, model=config, data=dataclasses.replace(base.data, max_token_len=config.max_token_len),
                               ema_decay=0.999 if ema else None, optimizer=dataclasses.replace(base.optimizer, mu_dtype=mu_dtype))
     optimizer = make_optimizer(cfg.lr, cfg.optimizer)
     state = jax.eval_shape(lambda m: init_state(m, optimizer, ema=ema, seed=0), abstract_model(config))
-    step_cfg = dataclasses.replace(step_config(variant, form, ema), optimizer=cfg.optimizer, grad_accum_steps=grad_accum_steps)
+    in_step = ema and ema_memory == "device"
+    step_cfg = dataclasses.replace(step_config(variant, form, in_step), optimizer=cfg.optimizer, grad_accum_steps=grad_accum_steps)
     step = jax.jit(lambda s, bt, p_: train_step(s, bt, p_, None, form.drop_student, cfg=step_cfg), donate_argnums=0)
-    mem = memory(step.lower(state, abstract_batch(config, b, form.slots), jax.ShapeDtypeStruct((), jnp.float32)).compile())
+    step_state = state if in_step else dataclasses.replace(state, ema=None)
+    mem = memory(step.lower(step_state, abstract_batch(config, b, form.slots), jax.ShapeDtypeStruct((), jnp.float32)).compile())
+    if ema and ema_memory == "host":
+        mem = dict(**mem, step_peak_gib=mem["peak_gib"], **ema_host_phase(state))
+        mem["peak_gib"] = max(mem["step_peak_gib"], mem["ema_update_peak_gib"])
     return dict(**mem, fits_h100=mem["peak_gib"] <= H100_GIB)
+
+
+def ema_host_phase(state: TrainState) -> dict:
+    """Device memory of the EMA update after a step when the EMA lives in pinned host memory: the
+    state but the EMA stays resident, plus one leaf's update program at a time (the largest leaf's
+    compiled abstractly; the CPU backend counts that program's host-memory argument and output as
+    device memory, so on a CPU this is an upper bound). host_gib: the EMA, held in host memory."""
+    gib = lambda leaves: sum(x.size * x.dtype.itemsize for x in leaves) / 2**30  # noqa: E731
+    ema = jax.tree.leaves(state.ema)
+    largest = max(ema, key=lambda x: x.size)
+    on_host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
+    leaf = _ema_leaf.lower(jax.ShapeDtypeStruct(largest.shape, largest.dtype, sharding=on_host),
+                           jax.ShapeDtypeStruct(largest.shape, largest.dtype), decay=0.999).compile()
+    resident = gib(jax.tree.leaves(dataclasses.replace(state, ema=None)))
+    return dict(ema_update_peak_gib=resident + memory(leaf)["peak_gib"], host_gib=gib(ema))
 
 
 def _cameras(form: Form) -> str:
@@ -161,13 +184,20 @@ def _cameras(form: Form) -> str:
 # What train.py runs per case (the reference's masked program costs openpi's 17.35 TFLOP per sample).
 TRAINED = {"both-cam BC (pi05_libero)": "compacted", "wrist-only BC (wristonly_physdrop)": "compacted",
            "selfdistill_only (p=1)": "compacted", "curric_selfdistill (p=0.5)": "compacted, grouped by camera set"}
-# Memory-only rows: (case, what, batch, ema, grad_accum_steps, mu_dtype).
+# Memory-only rows: (case, what, batch, ema, grad_accum_steps, mu_dtype, ema_memory).
+HOST = "EMA in host memory (--ema-memory host)"
+MU_BF16 = "Adam mu in bfloat16 (--optimizer.mu-dtype bfloat16)"
 MEMORY_ROWS = [
-    ("both-cam BC (pi05_libero)", "no EMA", 32, False, 1, None),
-    ("both-cam BC (pi05_libero)", "openpi's batch 256 as 8 x 32 (--grad-accum-steps 8)", 256, True, 8, None),
-    ("curric_selfdistill (p=0.5)", "Adam mu in bfloat16 (--optimizer.mu-dtype bfloat16)", 32, True, 1, "bfloat16"),
-    ("wrist-only BC (wristonly_physdrop)", "Adam mu in bfloat16 (--optimizer.mu-dtype bfloat16)", 32, True, 1, "bfloat16"),
-    ("both-cam BC (pi05_libero)", "Adam mu in bfloat16 (--optimizer.mu-dtype bfloat16)", 32, True, 1, "bfloat16"),
+    ("both-cam BC (pi05_libero)", HOST, 32, True, 1, None, "host"),
+    ("wrist-only BC (wristonly_physdrop)", HOST, 32, True, 1, None, "host"),
+    ("curric_selfdistill (p=0.5)", HOST, 32, True, 1, None, "host"),
+    ("curric_selfdistill (p=0.5)", f"{HOST}, {MU_BF16}", 32, True, 1, "bfloat16", "host"),
+    ("both-cam BC (pi05_libero)", "no EMA", 32, False, 1, None, "device"),
+    ("both-cam BC (pi05_libero)", "openpi's batch 256 as 8 x 32 (--grad-accum-steps 8)", 256, True, 8, None, "device"),
+    ("both-cam BC (pi05_libero)", f"openpi's batch 256 as 8 x 32, {HOST}", 256, True, 8, None, "host"),
+    ("curric_selfdistill (p=0.5)", MU_BF16, 32, True, 1, "bfloat16", "device"),
+    ("wrist-only BC (wristonly_physdrop)", MU_BF16, 32, True, 1, "bfloat16", "device"),
+    ("both-cam BC (pi05_libero)", MU_BF16, 32, True, 1, "bfloat16", "device"),
 ]
 
 
@@ -190,12 +220,12 @@ def full_rows(b: int, prompt_len: int) -> list[dict]:
         print(f"  {case:34s} prompt {prompt_len:3d}  {tflops / b:6.2f} TFLOP/sample ({tflops / b / OPENPI_TFLOPS_PER_SAMPLE:.3f}x openpi)"
               f"  temp {mem['temp_gib']:5.1f} GiB  peak {mem['peak_gib']:5.1f} GiB ({'fits' if mem['fits_h100'] else 'over'} 80 GB)"
               f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for case, what, batch, ema, k, mu_dtype in MEMORY_ROWS:
+    for case, what, batch, ema, k, mu_dtype, ema_memory in MEMORY_ROWS:
         variant, _, forms = CASES[case]
         form = forms[TRAINED[case]]
-        mem = step_memory(config, variant, form, batch, ema=ema, grad_accum_steps=k, mu_dtype=mu_dtype)
+        mem = step_memory(config, variant, form, batch, ema=ema, grad_accum_steps=k, mu_dtype=mu_dtype, ema_memory=ema_memory)
         rows.append(dict(case=case, formulation=f"{TRAINED[case]}, {what}", cameras=_cameras(form), ema=ema, prompt_len=prompt_len,
-                         batch=batch, grad_accum_steps=k, mu_dtype=mu_dtype, **mem))
+                         batch=batch, grad_accum_steps=k, mu_dtype=mu_dtype, ema_memory=ema_memory, **mem))
         print(f"  {case:34s} prompt {prompt_len:3d}  {what:52s} temp {mem['temp_gib']:5.1f} GiB  peak {mem['peak_gib']:5.1f} GiB "
               f"({'fits' if mem['fits_h100'] else 'over'} 80 GB)", flush=True)
     return rows

@@ -111,7 +111,8 @@ def _bits(x: jax.Array) -> jax.Array:
 def _digest(tree) -> tuple[list[jax.Array], list[jax.Array]]:
     """Per leaf: a checksum of its bits (sum of bits x an odd weight per position, mod 2**32, so any
     one flipped bit changes it) and whether every value is finite."""
-    leaves = jax.tree.leaves(tree)
+    # read on the device (an EMA kept in pinned host memory, TrainConfig.ema_memory="host", is copied)
+    leaves = [jax.device_put(x, jax.memory.Space.Device) for x in jax.tree.leaves(tree)]
     sums = [jnp.sum(_bits(x).reshape(-1) * (2 * jnp.arange(x.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32) for x in leaves]
     finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True) for x in leaves]
     return sums, finite

@@ -95,6 +95,9 @@ class TrainConfig:
     ema_decay: float | None  # EMA of the params kept in the train state; None: none (openpi's LoRA configs)
     num_train_steps: int
     optimizer: AdamW = AdamW()
+    # Where the EMA lives: "device" (openpi), or "host": pinned host memory (JAX memory kinds), updated
+    # leaf by leaf after each step, so the step never holds it on the device (12.5 GiB less at full size).
+    ema_memory: Literal["device", "host"] = "device"
     distill: DistillConfig | None = None  # in-loss camera removal and distillation (B3-B5)
     seed: int = 42  # model init and the per-step RNG (data shuffling: data.seed)
     # openpi params checkpoint to start from: a directory or a URL orbax reads (gs://...); None: random init.
@@ -134,6 +137,11 @@ class TrainConfig:
                     )
             if d.teacher == "ema" and self.ema_decay is None:
                 raise ValueError("distill.teacher='ema' with ema_decay=None: the EMA teacher needs an EMA; set ema_decay")
+            if d.teacher == "ema" and self.ema_memory == "host":
+                raise ValueError("distill.teacher='ema' with ema_memory='host': the EMA teacher is read by every step, so "
+                                 "it would be copied to the device anyway; use ema_memory='device'")
+        if self.ema_memory == "host" and self.ema_decay is None:
+            raise ValueError("ema_memory='host' with ema_decay=None: this run keeps no EMA; drop ema_memory or set ema_decay")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected None or a value in [0, 1), got {self.ema_decay}")
         for a, b in (("max_token_len", "max_token_len"), ("action_horizon", "action_horizon")):

@@ -1,6 +1,7 @@
 """Sharding: the same loss and gradients on a 2x4 ("data", "fsdp") mesh as on one device, params
 really split by the FSDP rule, and two jax.distributed processes (4 CPU devices each, gloo) that
-together compute the single-process loss from their own halves of the batch.
+together compute the single-process loss from their own halves of the batch (and, with the EMA in
+pinned host memory, the same FSDP-sharded EMA).
 
 SLOW (marked): three subprocesses run at once (train_sharding_worker.py), about 40 s on two cores.
 """
@@ -67,6 +68,10 @@ def test_two_processes_compute_the_single_process_loss(results):
     specs = {name: spec for name, (spec, _, _) in processes[0]["params"].items()}
     assert specs == {name: spec for name, (spec, _, _) in processes[1]["params"].items()}
     assert sum("fsdp" in s for s in specs.values()) > 20  # the train state stays FSDP-sharded after the step
+    for p in processes:  # the EMA in pinned host memory: FSDP-sharded like the params, the device EMA's values
+        host = p["host_ema"]
+        assert host["kinds"] == ["pinned_host"] and host["equal"]
+        assert {name: spec for name, (spec, _, _) in host["ema"].items()} == specs
 
 
 @pytest.mark.parametrize(

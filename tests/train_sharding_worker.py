@@ -10,6 +10,7 @@ Both build the same state (a random small model, seed 0, halved) and the same gl
 B5's (teacher `self`, lam 1, anchor 0.15, augmentation on) with p = 0.5, so every part of it runs.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -30,7 +31,8 @@ from conftest import random_model, small_config  # noqa: E402
 from eqx_pi05.cameras import compact  # noqa: E402
 from eqx_pi05.variants import VARIANTS  # noqa: E402
 from eqx_pi05.train.optimizer import make_optimizer  # noqa: E402
-from eqx_pi05.train.sharding import batch_sharding, fsdp_shardings, global_batch, initialize, make_mesh, replicated  # noqa: E402
+from eqx_pi05.train.sharding import (  # noqa: E402
+    batch_sharding, fsdp_shardings, global_batch, initialize, make_mesh, replicated, state_shardings)
 from eqx_pi05.train.state import init_state  # noqa: E402
 from eqx_pi05.train.step import StepConfig, jit_train_step, loss_and_grads  # noqa: E402
 
@@ -69,4 +71,11 @@ else:
     new_state, metrics = jit_train_step(on_mesh, global_batch(local, mesh), P, None, False, cfg=step_cfg, mesh=mesh, min_bytes=0)
     report = dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]), devices=jax.device_count(),
                   local_devices=jax.local_device_count(), params=shard_report(new_state.params))
+    # The same step with the EMA in pinned host memory (--ema-memory host), FSDP-sharded like the params.
+    on_host = jax.tree.map(place, state, state_shardings(state, mesh, 0, "host"))
+    host_state, _ = jit_train_step(on_host, global_batch(local, mesh), P, None, False,
+                                   cfg=dataclasses.replace(step_cfg, ema_on_host=True), mesh=mesh, min_bytes=0)
+    pairs = list(zip(jax.tree.leaves(host_state.ema), jax.tree.leaves(new_state.ema), strict=True))
+    report["host_ema"] = dict(kinds=sorted({h.sharding.memory_kind for h, _ in pairs}), ema=shard_report(host_state.ema),
+                              equal=all(np.array_equal(h.addressable_shards[0].data, d.addressable_shards[0].data) for h, d in pairs))
     (OUT / f"process{jax.process_index()}.json").write_text(json.dumps(report))

@@ -24,7 +24,7 @@ from eqx_pi05.prompt import prompt_length, trim_prompt
 from eqx_pi05.variants import TrainConfig, to_json
 from eqx_pi05.train.metrics import MetricsLog
 from eqx_pi05.train.optimizer import make_optimizer
-from eqx_pi05.train.sharding import fsdp_shardings, global_batch, initialize, make_mesh
+from eqx_pi05.train.sharding import fsdp_shardings, global_batch, initialize, make_mesh, state_shardings
 from eqx_pi05.train.state import TrainState, init_state
 from eqx_pi05.train.step import FAST_COMPILE, StepConfig, drops_student, jit_train_step
 from eqx_pi05.trainable import describe_counts, param_counts
@@ -53,10 +53,12 @@ def initial_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
     adapters it lacks initialised), or a random init computed directly into its shards."""
     if cfg.weights is None:
         logger.info("initialising the model at random")
-        return _init(None, **_init_config(cfg, mesh))
-    logger.info("loading the weights %s", cfg.weights)
-    weights = checkpoints.load_weights(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None)
-    return _init(weights, **_init_config(cfg, mesh))
+        state = _init(None, **_init_config(cfg, mesh))
+    else:
+        logger.info("loading the weights %s", cfg.weights)
+        weights = checkpoints.load_weights(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None)
+        state = _init(weights, **_init_config(cfg, mesh))
+    return jax.device_put(state, state_shardings(state, mesh, cfg.fsdp_min_bytes, cfg.ema_memory))  # an EMA on the host moves there
 
 
 def state_shapes(cfg: TrainConfig, mesh: Mesh) -> TrainState:
@@ -125,7 +127,7 @@ def _start(cfg: TrainConfig, mesh: Mesh, shapes, data_iter):
     (state, corrupt checkpoint steps to set aside, teacher)."""
     if cfg.resume:
         check_resume_config(checkpoints.read_config(cfg.run_dir / "checkpoints"), cfg)
-        shardings = fsdp_shardings(shapes, mesh, cfg.fsdp_min_bytes)
+        shardings = state_shardings(shapes, mesh, cfg.fsdp_min_bytes, cfg.ema_memory)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
         state, mgr, corrupt = checkpoints.restore(cfg.run_dir / "checkpoints", target, data_iter, cfg.keep_checkpoints, cfg.async_checkpoint)
         mgr.close()
@@ -258,7 +260,7 @@ def _global_prompt_length(batch: dict) -> int:
 
 # Fields a resumed run may change: how it runs, not what it trains (num_train_steps extends a run;
 # note it also stretches a curriculum), and files read again (a moved dataset; changed stats are the user's call).
-RESUMABLE = ("output_dir", "resume", "overwrite", "log_interval", "save_interval", "keep_checkpoints", "async_checkpoint",
+RESUMABLE = ("output_dir", "resume", "overwrite", "ema_memory", "log_interval", "save_interval", "keep_checkpoints", "async_checkpoint",
              "xla_fast_compile", "grad_accum_steps", "fsdp_devices", "fsdp_min_bytes", "wandb", "wandb_project", "wandb_offline",
              "coordinator_address", "num_processes", "process_id", "num_train_steps", "weights",
              "data.dataset", "data.tokenizer", "data.norm_stats", "distill.teacher_checkpoint")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -47,6 +48,15 @@ def fsdp_shardings(tree: PyTree, mesh: Mesh, min_bytes: int) -> PyTree:
     """NamedSharding for every array leaf of `tree` (concrete or abstract), by `fsdp_spec`."""
     n = mesh.shape["fsdp"]
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, np.dtype(x.dtype).itemsize, n, min_bytes)), tree)
+
+
+def state_shardings(state: PyTree, mesh: Mesh, min_bytes: int, ema_memory: str = "device") -> PyTree:
+    """`fsdp_shardings` of a train state (concrete or abstract); with `ema_memory="host"` its EMA's
+    in pinned host memory (`TrainConfig.ema_memory`)."""
+    shardings = fsdp_shardings(state, mesh, min_bytes)
+    if ema_memory == "device" or state.ema is None:
+        return shardings
+    return eqx.tree_at(lambda t: t.ema, shardings, jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings.ema))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

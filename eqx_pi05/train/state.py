@@ -51,3 +51,4 @@ def init_state(model: Pi05, optimizer: optax.GradientTransformation, *, ema: boo
 def ema_update(ema: PyTree, params: PyTree, decay: float) -> PyTree:
     """ema ← decay·ema + (1 − decay)·params, leaf by leaf (openpi's order of operations)."""
     return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+

@@ -25,7 +25,7 @@ from eqx_pi05.model import Observation, Pi05, sample_noise_and_time
 from eqx_pi05.variants import AdamW, LRSchedule, TrainConfig
 from eqx_pi05.train.optimizer import apply_optimizer, lr_schedule
 from eqx_pi05.train.sharding import batch_sharding, fsdp_shardings, replicated
-from eqx_pi05.train.state import TrainState
+from eqx_pi05.train.state import TrainState, ema_update
 
 # XLA options for programs whose compile time matters more than their run time (init, short CPU runs).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -45,11 +45,13 @@ class StepConfig:
     # both-camera forward); False masks the camera per row everywhere (the reference formulation).
     group_student: bool = True
     grad_accum_steps: int = 1  # the batch's gradient as the mean over this many micro-batches (memory of one)
+    ema_on_host: bool = False  # the EMA in pinned host memory, updated after the step (`jit_train_step`)
 
     @staticmethod
     def of(cfg: TrainConfig) -> StepConfig:
         return StepConfig(lr=cfg.lr, optimizer=cfg.optimizer, ema_decay=cfg.ema_decay, augment=cfg.augment,
-                          distill=cfg.distill, fast_compile=cfg.xla_fast_compile, grad_accum_steps=cfg.grad_accum_steps)
+                          distill=cfg.distill, fast_compile=cfg.xla_fast_compile, grad_accum_steps=cfg.grad_accum_steps,
+                          ema_on_host=cfg.ema_memory == "host")
 
 
 def drops_student(cfg: StepConfig, p: float) -> bool:
@@ -162,6 +164,24 @@ _step = jax.jit(_sharded_step, static_argnames=_STATIC, donate_argnums=0)
 _fast_step = jax.jit(_sharded_step, static_argnames=_STATIC, donate_argnums=0, compiler_options=FAST_COMPILE)
 
 
+def _ema_leaf_on_host(ema: Float[Array, "..."], params: Float[Array, "..."], decay: float) -> Float[Array, "..."]:
+    """One leaf of an EMA in pinned host memory: copied to the device, updated, written back."""
+    on_device = jax.device_put(ema, jax.memory.Space.Device)
+    return jax.device_put(ema_update(on_device, params, decay), jax.memory.Space.Host)
+
+
+# With the step's XLA options (equal options give the in-step update's bits); the host buffer donated.
+_ema_leaf = jax.jit(_ema_leaf_on_host, static_argnames="decay", donate_argnums=0)
+_fast_ema_leaf = jax.jit(_ema_leaf_on_host, static_argnames="decay", donate_argnums=0, compiler_options=FAST_COMPILE)
+
+
+def ema_update_on_host(ema: PyTree, params: PyTree, decay: float, fast_compile: bool = False) -> PyTree:
+    """`state.ema_update` for an EMA in pinned host memory (`TrainConfig.ema_memory="host"`), one
+    program per leaf, so the device holds one EMA leaf at a time besides the state."""
+    update = _fast_ema_leaf if fast_compile else _ema_leaf
+    return jax.tree.map(lambda e, p: update(e, p, decay=decay), ema, params)
+
+
 def jit_train_step(
     state: TrainState,
     batch: dict,
@@ -175,6 +195,13 @@ def jit_train_step(
 ) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
     """`train_step` compiled for `mesh`: the state (in and out) and the teacher laid out by the FSDP
     rule (`fsdp_shardings` at `min_bytes`), the batch over ("data", "fsdp"), the metrics replicated;
-    the state donated; XLA's `FAST_COMPILE` options when `cfg.fast_compile`."""
+    the state donated; XLA's `FAST_COMPILE` options when `cfg.fast_compile`. With `cfg.ema_on_host`
+    the EMA stays out of the step (which runs as with `ema_decay=None`) and is updated after it from
+    the new params, leaf by leaf in host memory (`ema_update_on_host`): the same arithmetic."""
     step = _fast_step if cfg.fast_compile else _step
-    return step(state, batch, p, teacher, drop_student=drop_student, cfg=cfg, mesh=mesh, min_bytes=min_bytes)
+    if not cfg.ema_on_host:
+        return step(state, batch, p, teacher, drop_student=drop_student, cfg=cfg, mesh=mesh, min_bytes=min_bytes)
+    no_ema = dataclasses.replace(cfg, ema_decay=None, ema_on_host=False)
+    new, metrics = step(dataclasses.replace(state, ema=None), batch, p, teacher, drop_student=drop_student, cfg=no_ema,
+                        mesh=mesh, min_bytes=min_bytes)
+    return dataclasses.replace(new, ema=ema_update_on_host(state.ema, new.params, cfg.ema_decay, cfg.fast_compile)), metrics
