@@ -23,8 +23,8 @@ step's loss of every formulation against the masked one (the same function: ≤ 
 scan body once, so `common.corrected_flops` compiles the layer stacks unrolled at depths 1 and 2 and
 extrapolates per layer. Memory: the whole scanned train step (remat, state donated, AdamW moments and
 EMA float32), peak = arguments + outputs + temp − donated aliases, against one 80 GB GPU (74.5 GiB).
-Every row carries case, cameras ("both"/"wrist"), ema, prompt_len, batch and peak_gib (and the
-FLOP rows tflops_per_sample).
+Every row carries case, cameras ("both"/"wrist"), ema, prompt_len, batch, tflops_per_sample (a
+memory-only row: its case's, as loss + grad do not depend on the option) and peak_gib.
 """
 
 from __future__ import annotations
@@ -224,8 +224,11 @@ def full_rows(b: int, prompt_len: int) -> list[dict]:
         variant, _, forms = CASES[case]
         form = forms[TRAINED[case]]
         mem = step_memory(config, variant, form, batch, ema=ema, grad_accum_steps=k, mu_dtype=mu_dtype, ema_memory=ema_memory)
+        # loss + grad do not depend on these options (nor, per sample, on accumulation): the case's FLOPs
+        per_sample = next(r["tflops_per_sample"] for r in rows if r["case"] == case)
         rows.append(dict(case=case, formulation=f"{TRAINED[case]}, {what}", cameras=_cameras(form), ema=ema, prompt_len=prompt_len,
-                         batch=batch, grad_accum_steps=k, mu_dtype=mu_dtype, ema_memory=ema_memory, **mem))
+                         batch=batch, grad_accum_steps=k, mu_dtype=mu_dtype, ema_memory=ema_memory,
+                         tflops_per_sample=per_sample, **mem))
         print(f"  {case:34s} prompt {prompt_len:3d}  {what:52s} temp {mem['temp_gib']:5.1f} GiB  peak {mem['peak_gib']:5.1f} GiB "
               f"({'fits' if mem['fits_h100'] else 'over'} 80 GB)", flush=True)
     return rows
