@@ -54,6 +54,7 @@ COMMON_FLAGS = (
     ("--data.suites SUITE ...", "train on these LIBERO suites' episodes (libero_spatial ...; no value: all)"),
     ("--model.freeze-vision", "freeze the vision tower too (with LoRA: the report's frozen backbone)"),
     ("--fsdp-devices N", "shard params and optimizer state over N devices"),
+    ("--ema-memory host", "keep the EMA in host memory (12.5 GiB off one GPU at full size; the same bits)"),
     ("--wandb [--wandb-offline]", "also log to Weights & Biases"),
     ("--verbose", "show the libraries' INFO logs (absl, orbax, ...)"),
 )
