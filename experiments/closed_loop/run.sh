@@ -40,5 +40,5 @@ for variant in pi05_libero wristonly_zero wristonly_physdrop; do
   # 3. evaluate on the fixed initial states of the recorded tasks (resumes from episodes.jsonl)
   python evaluate.py --checkpoint "$run" --tasks "$TASKS" --n "$N" --num-envs 2 --output-dir "$OUT/eval_${variant}"
 done
-python -m eqx_pi05.eval.report "$OUT"/eval_* --output "$OUT/results_table"   # .md table and .png chart
+python -m eqx_pi05.eval.report "$OUT"/eval_{pi05_libero,wristonly_zero,wristonly_physdrop} --output "$OUT/results_table"  # .md and .png
 cat "$OUT/results_table.md"
