@@ -37,6 +37,8 @@ for variant in pi05_libero wristonly_zero wristonly_physdrop; do
   # 2. train (resumable: checkpoints every 250 steps)
   python train.py --variant "$variant" --preset closed_loop --num-train-steps "$STEPS" \
     $(resume_flag "$run/checkpoints")
+  # keep the loss curve beside the evaluation: outputs/ is scratch space that a new machine may not have
+  mkdir -p "$OUT/eval_${variant}" && cp "$run/metrics.jsonl" "$OUT/eval_${variant}/train_metrics.jsonl"
   # 3. evaluate on the fixed initial states of the recorded tasks (resumes from episodes.jsonl)
   python evaluate.py --checkpoint "$run" --tasks "$TASKS" --n "$N" --num-envs 2 --output-dir "$OUT/eval_${variant}"
 done
