@@ -58,7 +58,9 @@ def initial_state(cfg: TrainConfig, mesh: Mesh) -> TrainState:
         logger.info("loading the weights %s", cfg.weights)
         weights = checkpoints.load_weights(cfg.weights, cfg.model, lora_seed=cfg.seed if cfg.is_lora else None)
         state = _init(weights, **_init_config(cfg, mesh))
-    return jax.device_put(state, state_shardings(state, mesh, cfg.fsdp_min_bytes, cfg.ema_memory))  # an EMA on the host moves there
+    if cfg.ema_memory == "host":  # the EMA moves to pinned host memory (the rest stays where it is)
+        state = jax.device_put(state, state_shardings(state, mesh, cfg.fsdp_min_bytes, cfg.ema_memory))
+    return state
 
 
 def state_shapes(cfg: TrainConfig, mesh: Mesh) -> TrainState:
