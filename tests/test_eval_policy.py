@@ -25,7 +25,7 @@ from eqx_pi05.data.tokenizer import Tokenizer, train_sentencepiece
 from eqx_pi05.data.transforms import make_transforms
 from eqx_pi05.eval.audit import RemovalAuditError, audit_removal
 from fake_sim import fake_tasks
-from eqx_pi05.eval.policy import load_policy, make_policy
+from eqx_pi05.eval.policy import backbone, load_policy, make_policy
 from eqx_pi05.eval import results
 from eqx_pi05.eval.rollout import policy_observation
 from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
@@ -121,11 +121,19 @@ def test_model_policy_whose_transforms_do_not_remove_agentview_fails_the_audit(p
 
 def test_policy_takes_variant_backbone_and_eval_removal_from_the_checkpoint_config(run_dir):
     policy, info = load_policy(run_dir)
-    assert (info.variant, info.backbone, info.mechanism) == ("wristonly_physdrop", "full-FT", "view_remove (physical)")
+    assert (info.variant, info.backbone, info.mechanism) == ("wristonly_physdrop", "from scratch", "view_remove (physical)")
     assert info.view_remove_eval == {"agentview": 1.0} and info.checkpoint.endswith("(ema)")
     actions = policy([_observation()])
     assert actions.shape == (1, 10, 7) and np.isfinite(actions).all()
     assert audit_removal(policy, _observation(), info.view_remove_eval, info.view_dropout_train).endswith("audit=pass")
+
+
+def test_backbone_names_lora_full_fine_tuning_or_from_scratch_by_the_config():
+    assert VARIANTS["pi05_libero"].weights is not None and backbone(VARIANTS["pi05_libero"]) == "full-FT"
+    scratch = dataclasses.replace(VARIANTS["pi05_libero"], weights=None)
+    assert backbone(scratch) == "from scratch"
+    lora = [cfg for cfg in VARIANTS.values() if cfg.is_lora]
+    assert lora and all(backbone(cfg) == "LoRA" for cfg in lora)
 
 
 def test_ema_params_are_evaluated_by_default_and_raw_params_on_request(run_dir):

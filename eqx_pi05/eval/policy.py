@@ -80,6 +80,14 @@ def make_policy(
     return policy
 
 
+def backbone(cfg) -> str:
+    """The results table's "Backbone" of a TrainConfig: LoRA or full fine-tuning of loaded weights, or a model
+    trained from its random initialisation (no `weights`)."""
+    if cfg.is_lora:
+        return "LoRA"
+    return "full-FT" if cfg.weights is not None else "from scratch"
+
+
 def mechanism(cfg) -> str:
     """The results table's "Mechanism" of a TrainConfig (research report §05)."""
     d, data = cfg.distill, cfg.data
@@ -123,7 +131,7 @@ def load_policy(
     transforms = make_transforms(cfg.data, assets.norm_stats, tokenizer, train=False, eval_view=eval_view)
     info = PolicyInfo(
         variant=cfg.name,
-        backbone="LoRA" if cfg.is_lora else "full-FT",
+        backbone=backbone(cfg),
         mechanism=mechanism(cfg),
         checkpoint=f"{directory} ({used})",
         view_remove_eval=transforms.view_remove.active(),
