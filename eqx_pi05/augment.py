@@ -100,11 +100,19 @@ def augment_image(key: PRNGKeyArray, image: Float[Array, "h w 3"], geometric: bo
     return _jitter(k_color, warp(image, shift, ch / h, theta))
 
 
-def augment(key: PRNGKeyArray, obs: Observation) -> Observation:
-    """Every camera of `obs` augmented per sample; wrist slots (name contains "wrist") get colour only."""
+def augment(key: PRNGKeyArray, obs: Observation, keep_black: bool = False) -> Observation:
+    """Every camera of `obs` augmented per sample; wrist slots (name contains "wrist") get colour only.
+
+    As augmax, the colour jitter also lifts an all-black frame (view_dropout's zeros) to a uniform grey
+    (v -> v·(1 − b) + b for brightness b > 0: about a quarter of the samples); `keep_black` returns every
+    all-black frame unchanged instead (the other frames and their random draws are unchanged)."""
     images = {}
     for name, image in obs.images.items():
         keys = jax.random.split(key, image.shape[0])
         fn = lambda k, x, g="wrist" not in name: augment_image(k, x, g)  # noqa: E731
-        images[name] = jax.vmap(fn)(keys, image / 2.0 + 0.5) * 2.0 - 1.0
+        out = jax.vmap(fn)(keys, image / 2.0 + 0.5) * 2.0 - 1.0
+        if keep_black:
+            black = jnp.all(image == -1.0, axis=tuple(range(1, image.ndim)))
+            out = jnp.where(black.reshape(-1, *(1,) * (image.ndim - 1)), image, out)
+        images[name] = out
     return obs.replace(images=images)

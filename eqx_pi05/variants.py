@@ -104,6 +104,9 @@ class TrainConfig:
     # A string, not a Path: a Path would fold gs:// into gs:/.
     weights: str | None = None
     augment: bool = True  # openpi's train-time image augmentation (eqx_pi05.augment)
+    # openpi's colour jitter lifts an all-black frame (view_dropout's zeros) to a uniform grey in ~24 % of
+    # samples, so a zeroed camera is not constant during training; False keeps all-black frames black.
+    augment_black_frames: bool = True
     output_dir: pathlib.Path | None = None  # checkpoints/, metrics.jsonl, config.json; default outputs/<name>
     resume: bool = False  # continue from the latest checkpoint in output_dir
     overwrite: bool = False  # without --resume: start over, replacing output_dir's run (once start-up passed)
@@ -142,6 +145,9 @@ class TrainConfig:
                                  "it would be copied to the device anyway; use ema_memory='device'")
         if self.ema_memory == "host" and self.ema_decay is None:
             raise ValueError("ema_memory='host' with ema_decay=None: this run keeps no EMA; drop ema_memory or set ema_decay")
+        if not self.augment_black_frames and not self.augment:
+            raise ValueError("augment_black_frames=False with augment=False: there is no augmentation to keep black "
+                             "frames out of; drop --no-augment-black-frames or turn augment on")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected None or a value in [0, 1), got {self.ema_decay}")
         for a, b in (("max_token_len", "max_token_len"), ("action_horizon", "action_horizon")):

@@ -86,3 +86,25 @@ def test_augment_maps_each_camera_and_sample_and_keeps_the_range():
 def test_hsv_round_trip():
     for x in (IMAGE, jnp.zeros((12, 12, 3)), jnp.ones((12, 12, 3))):
         np.testing.assert_allclose(jax.jit(lambda x: hsv_to_rgb(*rgb_to_hsv(x)))(x), x, atol=1e-6)
+
+
+def test_colour_jitter_lifts_black_frames_to_grey_unless_kept_black():
+    """augmax's brightness maps v to v(1 - b) + b, so view_dropout's zeros become a uniform grey in about a
+    quarter of the samples; keep_black returns every all-black frame as it was and changes nothing else."""
+    batch = random_batch(pi05_tiny(), 64, slots=SLOTS[:2])
+    batch["image"]["base_0_rgb"][:48] = 0  # 48 zeroed agentview frames, 16 real ones
+    batch["image"]["left_wrist_0_rgb"][5] = 0  # and one black wrist frame
+    obs = Observation.from_batch(batch)
+    key = jax.random.key(3)
+    faithful = jax.jit(augment)(key, obs)
+    kept = jax.jit(functools.partial(augment, keep_black=True))(key, obs)
+    base = np.asarray(faithful.images["base_0_rgb"][:48])
+    lifted = base.max(axis=(1, 2, 3)) > -1.0
+    assert 0.1 < lifted.mean() < 0.4  # P(jitter) 0.5 x P(b > 0) 0.5
+    assert np.all(base.max(axis=(1, 2, 3)) - base.min(axis=(1, 2, 3)) < 1e-5)  # uniform: the warp keeps black black
+    np.testing.assert_array_equal(kept.images["base_0_rgb"][:48], -1.0)
+    np.testing.assert_array_equal(kept.images["left_wrist_0_rgb"][5], -1.0)
+    np.testing.assert_array_equal(kept.images["base_0_rgb"][48:], faithful.images["base_0_rgb"][48:])
+    others = np.arange(64) != 5
+    np.testing.assert_array_equal(np.asarray(kept.images["left_wrist_0_rgb"])[others],
+                                  np.asarray(faithful.images["left_wrist_0_rgb"])[others])

@@ -25,7 +25,7 @@ from eqx_pi05.data.tokenizer import Tokenizer, train_sentencepiece
 from eqx_pi05.data.transforms import make_transforms
 from eqx_pi05.eval.audit import RemovalAuditError, audit_removal
 from fake_sim import fake_tasks
-from eqx_pi05.eval.policy import backbone, load_policy, make_policy
+from eqx_pi05.eval.policy import backbone, load_policy, make_policy, mechanism
 from eqx_pi05.eval import results
 from eqx_pi05.eval.rollout import policy_observation
 from eqx_pi05.eval.run import EvalConfig, PolicyInfo, evaluate
@@ -134,6 +134,12 @@ def test_backbone_names_lora_full_fine_tuning_or_from_scratch_by_the_config():
     assert backbone(scratch) == "from scratch"
     lora = [cfg for cfg in VARIANTS.values() if cfg.is_lora]
     assert lora and all(backbone(cfg) == "LoRA" for cfg in lora)
+
+
+def test_mechanism_says_when_zeroed_frames_were_kept_black_in_training():
+    b1 = VARIANTS["wristonly_zero"]
+    assert mechanism(b1) == "view_dropout (zeros)"
+    assert mechanism(dataclasses.replace(b1, augment_black_frames=False)) == "view_dropout (zeros, kept black)"
 
 
 def test_ema_params_are_evaluated_by_default_and_raw_params_on_request(run_dir):

@@ -33,6 +33,7 @@ B5 = VARIANTS["curric_selfdistill"]
         (dict(data=dataclasses.replace(B5.data, max_token_len=48)), ["data.max_token_len", "model.max_token_len"]),
         (dict(distill=dataclasses.replace(B5.distill, teacher="ema"), ema_memory="host"), ["distill.teacher='ema'", "ema_memory='host'"]),
         (dict(ema_memory="host", ema_decay=None), ["ema_memory='host'", "ema_decay=None"]),
+        (dict(augment_black_frames=False, augment=False), ["augment_black_frames=False", "augment=False"]),
     ],
 )
 def test_contradictory_train_configs_fail_naming_the_fields(change, fields):

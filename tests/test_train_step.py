@@ -14,12 +14,14 @@ import pytest
 from batches import random_batch
 from conftest import compile_counts, random_model, small_config
 
+from eqx_pi05.augment import augment
 from eqx_pi05.cameras import compact
+from eqx_pi05.model import Observation
 from eqx_pi05.variants import VARIANTS
 from eqx_pi05.train.optimizer import apply_optimizer, make_optimizer
 from eqx_pi05.train.sharding import fsdp_shardings, global_batch, make_mesh
 from eqx_pi05.train.state import ema_update, init_state
-from eqx_pi05.train.step import StepConfig, drops_student, jit_train_step, loss_and_grads, train_step
+from eqx_pi05.train.step import StepConfig, drops_student, jit_train_step, loss_and_grads, step_keys, train_step
 
 
 def _state_and_batch(variant: str, b: int):
@@ -118,3 +120,23 @@ def test_equal_calls_share_one_compiled_step_which_donates_the_state():
             assert int(state.step) == 2
     assert compiled["jit(_sharded_step)"] == 1
     assert losses[2:] == losses[:2] and losses[0] != losses[1]
+
+
+def test_augment_black_frames_false_keeps_zeroed_frames_black_in_the_step():
+    """--no-augment-black-frames reaches the step: its loss and gradients are those of the batch augmented
+    with keep_black under the step's own augmentation key, where openpi's augmentation lifts some of
+    the zeroed frames to grey."""
+    train_cfg, state, batch = _state_and_batch("wristonly_zero", 16)
+    batch["image"]["base_0_rgb"][:] = 0  # view_dropout's zeros
+    step_cfg = dataclasses.replace(StepConfig.of(dataclasses.replace(train_cfg, augment_black_frames=False)), fast_compile=True)
+    assert not step_cfg.augment_black_frames and StepConfig.of(train_cfg).augment_black_frames
+    k_augment = step_keys(state)[0]
+    faithful, kept = (augment(k_augment, Observation.from_batch(batch), keep_black=k) for k in (False, True))
+    assert (np.asarray(faithful.images["base_0_rgb"]).max(axis=(1, 2, 3)) > -1.0).any()
+    np.testing.assert_array_equal(kept.images["base_0_rgb"], -1.0)
+    by_hand = {**batch, "image": {k: np.asarray(v) for k, v in kept.images.items()}}
+    run = eqx.filter_jit(loss_and_grads)
+    got = run(state, batch, jnp.float32(0.0), None, False, step_cfg)
+    ref = run(state, by_hand, jnp.float32(0.0), None, False, dataclasses.replace(step_cfg, augment=False))
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    chex.assert_trees_all_close(got[2], ref[2], rtol=1e-5, atol=1e-7)

@@ -96,7 +96,8 @@ def mechanism(cfg) -> str:
         if d.lam > 0:
             return f"distill λ={d.lam} + {removal}" if d.schedule == "curriculum" else f"distill λ={d.lam}"
         return "curriculum (in-loss)" if d.schedule == "curriculum" else f"in-loss removal {removal}"
-    for name, probs in (("view_remove (physical)", data.view_remove.train), ("view_dropout (zeros)", data.view_dropout.train)):
+    zeros = "view_dropout (zeros)" if cfg.augment_black_frames else "view_dropout (zeros, kept black)"
+    for name, probs in (("view_remove (physical)", data.view_remove.train), (zeros, data.view_dropout.train)):
         active = probs.active()
         if active:
             odd = ", ".join(f"{c} p={p:g}" for c, p in active.items() if c != "agentview" or p != 1.0)

@@ -39,6 +39,7 @@ class StepConfig:
     optimizer: AdamW
     ema_decay: float | None
     augment: bool
+    augment_black_frames: bool = True  # False: all-black frames (view_dropout's zeros) skip the augmentation
     distill: DistillConfig | None = None  # None: plain BC, no in-loss removal
     fast_compile: bool = False  # XLA backend optimisations off (see TrainConfig.xla_fast_compile)
     # p < 1: group the student's rows by camera set where exact and cheaper (the loss has the live
@@ -50,7 +51,7 @@ class StepConfig:
     @staticmethod
     def of(cfg: TrainConfig) -> StepConfig:
         return StepConfig(lr=cfg.lr, optimizer=cfg.optimizer, ema_decay=cfg.ema_decay, augment=cfg.augment,
-                          distill=cfg.distill, fast_compile=cfg.xla_fast_compile, grad_accum_steps=cfg.grad_accum_steps,
+                          augment_black_frames=cfg.augment_black_frames, distill=cfg.distill, fast_compile=cfg.xla_fast_compile, grad_accum_steps=cfg.grad_accum_steps,
                           ema_on_host=cfg.ema_memory == "host")
 
 
@@ -82,7 +83,7 @@ def loss_and_grads(
     k_augment, k_noise, k_student = step_keys(state)
     obs = Observation.from_batch(batch)
     if cfg.augment:
-        obs = augment(k_augment, obs)
+        obs = augment(k_augment, obs, keep_black=not cfg.augment_black_frames)
     actions = jnp.asarray(batch["actions"], jnp.float32)
     noise, t = sample_noise_and_time(k_noise, actions.shape)
     d = cfg.distill
