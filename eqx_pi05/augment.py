@@ -112,7 +112,7 @@ def augment(key: PRNGKeyArray, obs: Observation, keep_black: bool = False) -> Ob
         fn = lambda k, x, g="wrist" not in name: augment_image(k, x, g)  # noqa: E731
         out = jax.vmap(fn)(keys, image / 2.0 + 0.5) * 2.0 - 1.0
         if keep_black:
-            black = jnp.all(image == -1.0, axis=tuple(range(1, image.ndim)))
-            out = jnp.where(black.reshape(-1, *(1,) * (image.ndim - 1)), image, out)
+            black = jnp.all(image == -1.0, axis=(1, 2, 3))  # images are "b h w 3" (Observation)
+            out = jnp.where(black[:, None, None, None], image, out)
         images[name] = out
     return obs.replace(images=images)

@@ -51,7 +51,8 @@ class StepConfig:
     @staticmethod
     def of(cfg: TrainConfig) -> StepConfig:
         return StepConfig(lr=cfg.lr, optimizer=cfg.optimizer, ema_decay=cfg.ema_decay, augment=cfg.augment,
-                          augment_black_frames=cfg.augment_black_frames, distill=cfg.distill, fast_compile=cfg.xla_fast_compile, grad_accum_steps=cfg.grad_accum_steps,
+                          augment_black_frames=cfg.augment_black_frames, distill=cfg.distill,
+                          fast_compile=cfg.xla_fast_compile, grad_accum_steps=cfg.grad_accum_steps,
                           ema_on_host=cfg.ema_memory == "host")
 
 
